@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one device call (under 6 minutes) on a CUDA machine that has torch, triton, pytest and
+# pytest-benchmark and no network. It installs fastkd offline, runs the kernel tests on the GPU (compiled Triton, not
+# the interpreter), benchmarks kd_loss at the small and the LLM-vocabulary shapes, and prints the table last.
+# Results land in $OUT (the device tool's output folder) or /tmp/fastkd-gpu-check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/fastkd-gpu-check}
+mkdir -p "$out"
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/fastkd-inductor-cache
+status=0
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+
+echo "== kd_loss kernel tests on the GPU"
+timeout 150 python3 -m pytest tests/test_kd_loss.py -q -x 2>&1 | tee "$out/kernel_tests.log" || status=1
+
+echo "== kd_loss benchmarks"
+FASTKD_BENCH_LARGE=1 timeout 200 python3 -m pytest benchmarks/test_kd_loss_bench.py --benchmark-only -q \
+    --benchmark-json="$out/kd_loss_bench.json" 2>&1 | tail -n 5 || status=1
+
+echo "== kd_loss table"
+python3 benchmarks/report.py "$out/kd_loss_bench.json" | tee "$out/kd_loss_table.md" || status=1
+exit $status

@@ -1,0 +1,71 @@
+"""kd_loss forward+backward against the plain torch reference, eager and under torch.compile.
+
+Every case records its useful bytes (read s + read t + write ∂s) and, on CUDA, the peak memory beyond its inputs,
+so that `python benchmarks/report.py results.json` can print bandwidth and ratios from one run.
+Set FASTKD_BENCH_LARGE=1 on a GPU for the LLM-vocabulary shapes (16384 × 32000 and 16384 × 128256 in bf16).
+"""
+import os
+
+import pytest
+import torch
+
+from fastkd.kernels.kd_loss import kd_loss, kd_loss_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+T, ALPHA = 3.0, 0.3
+
+if CUDA:
+    SHAPES = [(128, 200, torch.float32), (1024, 1000, torch.float32), (4096, 32000, torch.bfloat16)]
+    if os.environ.get("FASTKD_BENCH_LARGE") == "1":
+        SHAPES += [(16384, 32000, torch.bfloat16), (16384, 128256, torch.bfloat16)]
+else:
+    # CPU sizes chosen so the whole file finishes in a few minutes on 2 cores.
+    SHAPES = [(128, 200, torch.float32), (1024, 1000, torch.float32), (256, 32000, torch.float32)]
+
+_compiled_reference = torch.compile(kd_loss_reference)
+PROVIDERS = {
+    "fastkd": lambda s, t, y: kd_loss(s, t, y, temperature=T, alpha=ALPHA),
+    "torch_eager": lambda s, t, y: kd_loss_reference(s, t, y, temperature=T, alpha=ALPHA),
+    "torch_compile": lambda s, t, y: _compiled_reference(s, t, y, temperature=T, alpha=ALPHA),
+}
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{str(s[2]).split('.')[-1]}")
+def test_kd_loss_forward_backward(benchmark, shape, provider):
+    n, c, dtype = shape
+    torch.manual_seed(0)
+    s = (torch.randn(n, c, device=DEVICE) * 3).to(dtype).requires_grad_()
+    t = (torch.randn(n, c, device=DEVICE) * 3).to(dtype)
+    y = torch.randint(0, c, (n,), device=DEVICE)
+    fn = PROVIDERS[provider]
+
+    def step():
+        s.grad = None
+        fn(s, t, y).backward()
+        _sync()
+
+    try:
+        step()  # warm-up: compiles, autotunes
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            benchmark.extra_info["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+    except torch.OutOfMemoryError:
+        pytest.skip(f"{provider} runs out of GPU memory at {n}x{c}")
+    elem = s.element_size()
+    benchmark.extra_info.update(useful_bytes=3 * n * c * elem, device=_device_name(), shape=f"{n}x{c}",
+                                dtype=str(dtype).split(".")[-1], provider=provider)
+    rounds = max(3, min(50, int(2e8 // (n * c))))
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=1)
+
+
+def _device_name():
+    return torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores, torch {torch.__version__})"
