@@ -1,0 +1,10 @@
+"""Datasets and batch sources.
+
+A dataset is described by `DatasetInfo`; a batch source yields training batches *by identity*: (epoch, position)
+determines the sample indices (the epoch's seeded permutation) and the augmentation (a generator seeded from the
+identity). Replaying a batch therefore regenerates it bit for bit, and nothing is ever buffered.
+"""
+from .base import Batch, DatasetInfo, TensorDataset, TensorBatches
+from .registry import DATASETS, load_dataset
+
+__all__ = ["Batch", "DatasetInfo", "TensorDataset", "TensorBatches", "DATASETS", "load_dataset"]

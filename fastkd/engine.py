@@ -1,0 +1,270 @@
+"""The training loop: schedule × batch source × step functions, with evaluation, metrics, trace and outputs.
+
+Read one run top to bottom in `train`: build the roles, walk the schedule, regenerate each step's batch from its
+identity (never from a buffer), run the step, and record.
+"""
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import Config
+from .data import TensorBatches, load_dataset
+from .models import build_model
+from .progress import Progress
+from .schedule import SELF_METHODS, Step, interval_batches, steps
+from .steps import LossSettings, StepFunctions
+
+
+@dataclass
+class Role:
+    """A network that trains: its model, optimizer, lr scheduler, and its running train-loss sum on the device."""
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_sum: torch.Tensor
+    loss_count: int = 0
+    steps_done: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def _make_role(name, model, cfg: Config, total_steps: int, device) -> Role:
+    model = model.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    else:
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    return Role(name, model, opt, sched, torch.zeros((), device=device))
+
+
+def build_roles(cfg: Config, info, device, total_steps: int) -> dict[str, Role]:
+    """Teacher and student for two-network methods, the student alone for baseline, one net for self methods.
+
+    Models are initialised in a fixed order from the run seed, so the same seed gives the same weights.
+    """
+    torch.manual_seed(cfg.seed)
+    if cfg.method in SELF_METHODS:
+        net = build_model(cfg.student, info, multi_exit=True)
+        # Both roles of a self method are the same network, with one optimizer and one schedule over all steps.
+        shared = _make_role("self", net, cfg, total_steps, device)
+        return {"self": shared, "teacher": shared}
+    roles = {}
+    if cfg.method != "baseline":
+        roles["teacher"] = _make_role("teacher", build_model(cfg.teacher, info), cfg, total_steps, device)
+    roles["student"] = _make_role("student", build_model(cfg.student, info), cfg, total_steps, device)
+    return roles
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: TensorBatches, batch_size: int) -> dict:
+    """Top-1 and top-5 (%) on every test sample; for a multi-exit net, the deepest head plus every head's top-1."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    heads_correct = None
+    for x, y in batches.test_batches(batch_size):
+        out = model(x)
+        logits = out[0][-1] if isinstance(out, tuple) else out
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        correct1 += (top[:, 0] == y).sum()
+        correct5 += (top == y[:, None]).any(dim=1).sum()
+        if isinstance(out, tuple):
+            per_head = torch.stack([(h.argmax(1) == y).sum() for h in out[0]])
+            heads_correct = per_head if heads_correct is None else heads_correct + per_head
+        total += len(y)
+    model.train(was_training)
+    result = {"top1": 100.0 * float(correct1) / total, "top5": 100.0 * float(correct5) / total}
+    if heads_correct is not None:
+        result["heads_top1"] = [round(100.0 * float(c) / total, 2) for c in heads_correct]
+    return result
+
+
+class RunDirectory:
+    """--out: config.json, metrics.jsonl and the final state dicts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"--out {path} is not writable: {e.strerror or e}") from None
+        self.metrics = open(path / "metrics.jsonl", "a")
+
+    def write_config(self, cfg: Config, info) -> None:
+        record = {**cfg.to_dict(), "dataset_info": info.to_dict()}
+        (self.path / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    def log(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def save_model(self, name: str, model: nn.Module) -> None:
+        tmp = self.path / f".{name}.pt.tmp"
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(self.path / f"{name}.pt")
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+class Trace:
+    """--trace: one JSON line per optimizer step, exactly as the schedule ran it."""
+
+    def __init__(self, path: Optional[str]):
+        self.file = open(path, "w") if path else None
+
+    def write(self, step: Step, batches_per_epoch: int, samples: torch.Tensor) -> None:
+        if self.file is None:
+            return
+        epoch, position = divmod(step.batch, batches_per_epoch)
+        self.file.write(json.dumps({"role": step.role, "epoch": epoch, "position": position,
+                                    "samples": samples.tolist(), "teacher_version": step.teacher_version}) + "\n")
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: bool = False) -> dict:
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    batches = TensorBatches(data, cfg.batch_size, cfg.seed, device, cfg.train_subset)
+    per_epoch = batches.batches_per_epoch
+    interval = cfg.resolved_interval()
+    if interval is not None:
+        interval_batches(interval, per_epoch)  # validates
+    plan = list(steps(cfg.method, cfg.epochs, per_epoch, interval, replay_leftover=not cfg.no_final_replay))
+    run_dir = RunDirectory(out_dir)
+    run_dir.write_config(cfg, data.info)
+    trace = Trace(trace_path)
+
+    roles = build_roles(cfg, data.info, device, total_steps=cfg.epochs * per_epoch)
+    if cfg.method in SELF_METHODS:
+        roles["self"].scheduler.T_max = max(1, sum(1 for _ in plan))  # one net steps on every scheduled step
+    fns = StepFunctions(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities), cfg.compile)
+    if cfg.compile and device.type != "cuda":
+        print("fastkd: --compile on CPU: steps compiled with inductor; CUDA graphs skipped (no GPU).")
+
+    progress = Progress(len(plan)) if not quiet else None
+    accuracy = {}
+    images, window_images, start = 0, 0, time.perf_counter()
+    window_start = start
+    batch, live_logits = None, None
+    for done, step in enumerate(plan, 1):
+        epoch, position = divmod(step.batch, per_epoch)
+        if batch is None or (batch.epoch, batch.position) != (epoch, position):
+            batch = batches.batch(epoch, position)  # regenerated from its identity; no image is ever stored
+        role = roles[step.role]
+        loss, live_logits = _run_step(step, role, roles, fns, batch, live_logits, cfg)
+        role.loss_sum += loss
+        role.loss_count += 1
+        role.steps_done += 1
+        images += cfg.batch_size
+        window_images += cfg.batch_size
+        trace.write(step, per_epoch, batch.indices)
+        if progress:
+            progress.update(done, f"{step.role} epoch {epoch}")
+        if (step.batch + 1) % per_epoch == 0:  # this role finished an epoch's last batch
+            now = time.perf_counter()
+            record = _epoch_record(step, role, roles, cfg, batches, accuracy, window_images / (now - window_start))
+            run_dir.log(record)
+            if progress:
+                progress.note(done, _describe(record))
+            window_images, window_start = 0, now
+    if progress:
+        progress.close()
+    wall = time.perf_counter() - start
+    trace.close()
+
+    final = _final_accuracies(cfg, roles, batches)
+    for name in ("teacher", "student"):
+        if name in roles and cfg.method not in SELF_METHODS:
+            run_dir.save_model(name, roles[name].model)
+    if cfg.method in SELF_METHODS:
+        run_dir.save_model("student", roles["self"].model)
+    summary = {**final, "wall_s": round(wall, 2), "images_per_s": round(images / wall, 1),
+               "steps": len(plan)}
+    run_dir.log({"summary": summary})
+    run_dir.close()
+    return summary
+
+
+def _run_step(step: Step, role: Role, roles: dict, fns: StepFunctions, batch, live_logits, cfg: Config):
+    """One optimizer step of `role` on `batch`; returns (loss, the logits of a teacher CE step or None)."""
+    m, opt, sched = role.model, role.optimizer, role.scheduler
+    if step.kind == "ce":
+        loss, logits = fns.ce(m, opt, sched, batch.x, batch.y)
+        return loss, logits
+    if step.kind == "distill_live":  # online: the logits of the teacher's own forward on this batch
+        return fns.distill(m, opt, sched, batch.x, batch.y, live_logits), None
+    if step.kind == "distill":
+        teacher = roles["teacher"].model
+        # Default: eval mode, BatchNorm running statistics untouched. Official quirk: train mode during replay.
+        teacher.train(cfg.teacher_train_mode_replay)
+        soft = fns.soft_targets(teacher, batch.x)
+        teacher.train(True)
+        return fns.distill(m, opt, sched, batch.x, batch.y, soft), None
+    if step.kind == "advance":
+        return fns.advance(m, opt, sched, batch.x, batch.y), None
+    if step.kind == "self_distill":
+        return fns.self_distill(m, opt, sched, batch.x, batch.y), None
+    raise AssertionError(f"unknown step kind {step.kind}")
+
+
+
+
+def _epoch_record(step: Step, role: Role, roles: dict, cfg: Config, batches, accuracy: dict, images_per_s: float):
+    accuracy[role.name if cfg.method not in SELF_METHODS else "self"] = evaluate(role.model, batches,
+                                                                                 cfg.eval_batch_size)
+    train_loss = float(role.loss_sum) / max(1, role.loss_count)  # one host read per epoch record
+    role.loss_sum.zero_()
+    role.loss_count = 0
+    record = {"role": step.role, "epoch": step.batch // batches.batches_per_epoch, "train_loss": round(train_loss, 5),
+              "lr": role.optimizer.param_groups[0]["lr"], "images_per_s": round(images_per_s, 1)}
+    for name in ("teacher", "student", "self"):
+        if name in accuracy:
+            record[f"{name}_top1"] = round(accuracy[name]["top1"], 2)
+            record[f"{name}_top5"] = round(accuracy[name]["top5"], 2)
+            if "heads_top1" in accuracy[name]:
+                record["heads_top1"] = accuracy[name]["heads_top1"]
+    return record
+
+
+def _final_accuracies(cfg: Config, roles: dict, batches) -> dict:
+    if cfg.method in SELF_METHODS:
+        result = evaluate(roles["self"].model, batches, cfg.eval_batch_size)
+        return {"teacher_top1": None, "student_top1": round(result["top1"], 2),
+                "student_top5": round(result["top5"], 2), "heads_top1": result["heads_top1"]}
+    out = {"teacher_top1": None}
+    for name in ("teacher", "student"):
+        if name in roles:
+            result = evaluate(roles[name].model, batches, cfg.eval_batch_size)
+            out[f"{name}_top1"] = round(result["top1"], 2)
+            out[f"{name}_top5"] = round(result["top5"], 2)
+    return out
+
+
+def _describe(record: dict) -> str:
+    parts = [f"{record['role']} epoch {record['epoch']}: loss {record['train_loss']:.4f}"]
+    for name in ("teacher", "student", "self"):
+        if f"{name}_top1" in record:
+            parts.append(f"{name} top-1 {record[f'{name}_top1']:.2f}%")
+    parts.append(f"{record['images_per_s']:.0f} img/s")
+    return ", ".join(parts)
