@@ -5,6 +5,7 @@ identity (never from a buffer), run the step, and record.
 """
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -16,20 +17,34 @@ from .config import Config
 from .data import TensorBatches, load_dataset
 from .models import build_model
 from .progress import Progress
-from .schedule import SELF_METHODS, Step, interval_batches, steps
+from .schedule import SELF_METHODS, Step, steps
 from .steps import LossSettings, StepFunctions
 
 
 @dataclass
 class Role:
-    """A network that trains: its model, optimizer, lr scheduler, and its running train-loss sum on the device."""
+    """A network that trains: its model, optimizer and lr scheduler."""
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loss_sum: torch.Tensor
-    loss_count: int = 0
-    steps_done: int = 0
+
+
+class RunningMean:
+    """Losses summed on the device (no host sync per step), read once per epoch record."""
+
+    def __init__(self, device):
+        self.total, self.count = torch.zeros((), device=device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss
+        self.count += 1
+
+    def read_and_reset(self) -> float:
+        mean = float(self.total) / max(1, self.count)
+        self.total.zero_()
+        self.count = 0
+        return mean
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,24 +62,26 @@ def _make_role(name, model, cfg: Config, total_steps: int, device) -> Role:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
     else:
         sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    return Role(name, model, opt, sched, torch.zeros((), device=device))
+    return Role(name, model, opt, sched)
 
 
-def build_roles(cfg: Config, info, device, total_steps: int) -> dict[str, Role]:
+def build_roles(cfg: Config, info, device, plan: list[Step]) -> dict[str, Role]:
     """Teacher and student for two-network methods, the student alone for baseline, one net for self methods.
 
-    Models are initialised in a fixed order from the run seed, so the same seed gives the same weights.
+    Models are initialised in a fixed order from the run seed, so the same seed gives the same weights. Each lr
+    schedule spans the optimizer's own number of steps in the plan.
     """
     torch.manual_seed(cfg.seed)
     if cfg.method in SELF_METHODS:
         net = build_model(cfg.student, info, multi_exit=True)
         # Both roles of a self method are the same network, with one optimizer and one schedule over all steps.
-        shared = _make_role("self", net, cfg, total_steps, device)
+        shared = _make_role("self", net, cfg, len(plan), device)
         return {"self": shared, "teacher": shared}
+    counts = Counter(step.role for step in plan)
     roles = {}
     if cfg.method != "baseline":
-        roles["teacher"] = _make_role("teacher", build_model(cfg.teacher, info), cfg, total_steps, device)
-    roles["student"] = _make_role("student", build_model(cfg.student, info), cfg, total_steps, device)
+        roles["teacher"] = _make_role("teacher", build_model(cfg.teacher, info), cfg, counts["teacher"], device)
+    roles["student"] = _make_role("student", build_model(cfg.student, info), cfg, counts["student"], device)
     return roles
 
 
@@ -147,21 +164,18 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
     data = load_dataset(cfg.dataset, cfg.data_dir)
     batches = TensorBatches(data, cfg.batch_size, cfg.seed, device, cfg.train_subset)
     per_epoch = batches.batches_per_epoch
-    interval = cfg.resolved_interval()
-    if interval is not None:
-        interval_batches(interval, per_epoch)  # validates
-    plan = list(steps(cfg.method, cfg.epochs, per_epoch, interval, replay_leftover=not cfg.no_final_replay))
+    plan = list(steps(cfg.method, cfg.epochs, per_epoch, cfg.resolved_interval(),
+                      replay_leftover=not cfg.no_final_replay))
     run_dir = RunDirectory(out_dir)
     run_dir.write_config(cfg, data.info)
     trace = Trace(trace_path)
 
-    roles = build_roles(cfg, data.info, device, total_steps=cfg.epochs * per_epoch)
-    if cfg.method in SELF_METHODS:
-        roles["self"].scheduler.T_max = max(1, sum(1 for _ in plan))  # one net steps on every scheduled step
+    roles = build_roles(cfg, data.info, device, plan)
     fns = StepFunctions(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities), cfg.compile)
     if cfg.compile and device.type != "cuda":
         print("fastkd: --compile on CPU: steps compiled with inductor; CUDA graphs skipped (no GPU).")
 
+    losses = {name: RunningMean(device) for name in {step.role for step in plan}}
     progress = Progress(len(plan)) if not quiet else None
     accuracy = {}
     images, window_images, start = 0, 0, time.perf_counter()
@@ -173,9 +187,7 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
             batch = batches.batch(epoch, position)  # regenerated from its identity; no image is ever stored
         role = roles[step.role]
         loss, live_logits = _run_step(step, role, roles, fns, batch, live_logits, cfg)
-        role.loss_sum += loss
-        role.loss_count += 1
-        role.steps_done += 1
+        losses[step.role].add(loss)
         images += cfg.batch_size
         window_images += cfg.batch_size
         trace.write(step, per_epoch, batch.indices)
@@ -183,22 +195,23 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
             progress.update(done, f"{step.role} epoch {epoch}")
         if (step.batch + 1) % per_epoch == 0:  # this role finished an epoch's last batch
             now = time.perf_counter()
-            record = _epoch_record(step, role, roles, cfg, batches, accuracy, window_images / (now - window_start))
+            record = _epoch_record(step, role, losses[step.role].read_and_reset(), cfg, batches, accuracy,
+                                   window_images / (now - window_start))
             run_dir.log(record)
             if progress:
                 progress.note(done, _describe(record))
-            window_images, window_start = 0, now
+            window_images, window_start = 0, time.perf_counter()  # evaluation time stays out of images/s
     if progress:
         progress.close()
     wall = time.perf_counter() - start
     trace.close()
 
     final = _final_accuracies(cfg, roles, batches)
-    for name in ("teacher", "student"):
-        if name in roles and cfg.method not in SELF_METHODS:
-            run_dir.save_model(name, roles[name].model)
     if cfg.method in SELF_METHODS:
         run_dir.save_model("student", roles["self"].model)
+    else:
+        for name, role in roles.items():
+            run_dir.save_model(name, role.model)
     summary = {**final, "wall_s": round(wall, 2), "images_per_s": round(images / wall, 1),
                "steps": len(plan)}
     run_dir.log({"summary": summary})
@@ -230,12 +243,9 @@ def _run_step(step: Step, role: Role, roles: dict, fns: StepFunctions, batch, li
 
 
 
-def _epoch_record(step: Step, role: Role, roles: dict, cfg: Config, batches, accuracy: dict, images_per_s: float):
-    accuracy[role.name if cfg.method not in SELF_METHODS else "self"] = evaluate(role.model, batches,
-                                                                                 cfg.eval_batch_size)
-    train_loss = float(role.loss_sum) / max(1, role.loss_count)  # one host read per epoch record
-    role.loss_sum.zero_()
-    role.loss_count = 0
+def _epoch_record(step: Step, role: Role, train_loss: float, cfg: Config, batches, accuracy: dict,
+                  images_per_s: float) -> dict:
+    accuracy[role.name] = evaluate(role.model, batches, cfg.eval_batch_size)
     record = {"role": step.role, "epoch": step.batch // batches.batches_per_epoch, "train_loss": round(train_loss, 5),
               "lr": role.optimizer.param_groups[0]["lr"], "images_per_s": round(images_per_s, 1)}
     for name in ("teacher", "student", "self"):
