@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one device call (under 6 minutes) on a CUDA machine that has torch, triton, pytest and
+# The prepared GPU check: one device call (about 6 minutes) on a CUDA machine that has torch, triton, pytest and
 # pytest-benchmark and no network. It installs fastkd offline, runs the kernel tests on the GPU (compiled Triton, not
-# the interpreter), benchmarks kd_loss at the small and the LLM-vocabulary shapes, and prints the table last.
+# the interpreter), benchmarks kd_loss at the small and the LLM-vocabulary shapes, benchmarks the spaced-KD training
+# step (eager, compiled, compiled + CUDA graphs), and prints the tables last.
 # Results land in $OUT (the device tool's output folder) or /tmp/fastkd-gpu-check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +20,15 @@ echo "== kd_loss kernel tests on the GPU"
 timeout 150 python3 -m pytest tests/test_kd_loss.py -q -x 2>&1 | tee "$out/kernel_tests.log" || status=1
 
 echo "== kd_loss benchmarks"
-FASTKD_BENCH_LARGE=1 timeout 200 python3 -m pytest benchmarks/test_kd_loss_bench.py --benchmark-only -q \
+FASTKD_BENCH_LARGE=1 timeout 170 python3 -m pytest benchmarks/test_kd_loss_bench.py --benchmark-only -q \
     --benchmark-json="$out/kd_loss_bench.json" 2>&1 | tail -n 5 || status=1
 
-echo "== kd_loss table"
-python3 benchmarks/report.py "$out/kd_loss_bench.json" | tee "$out/kd_loss_table.md" || status=1
+echo "== training-step benchmark (eager, compiled, compiled + CUDA graphs)"
+timeout 150 python3 -m pytest benchmarks/test_step_bench.py --benchmark-only -q \
+    --benchmark-json="$out/step_bench.json" 2>&1 | tail -n 5 || status=1
+
+echo "== tables"
+for f in "$out/kd_loss_bench.json" "$out/step_bench.json"; do
+    [ -f "$f" ] && python3 benchmarks/report.py "$f" | tee -a "$out/tables.md"
+done
 exit $status

@@ -1,4 +1,4 @@
-"""Print the kd_loss benchmark table (markdown) from a pytest-benchmark JSON file.
+"""Print the benchmark tables (markdown) from a pytest-benchmark JSON file: kd_loss, then the training step.
 
     python benchmarks/report.py results.json
 """
@@ -10,12 +10,17 @@ from collections import defaultdict
 def main(path: str) -> None:
     with open(path) as f:
         runs = json.load(f)["benchmarks"]
+    kd_loss_table([r for r in runs if "provider" in r["extra_info"]])
+    step_table([r for r in runs if "images_per_round" in r["extra_info"]])
+
+
+def kd_loss_table(runs: list) -> None:
+    if not runs:
+        return
     cases = defaultdict(dict)
     device = ""
     for run in runs:
         info = run["extra_info"]
-        if "provider" not in info:
-            continue
         device = info["device"]
         cases[(info["shape"], info["dtype"])][info["provider"]] = (run["stats"]["median"], info)
     print(f"kd_loss forward+backward on {device} (median of rounds)\n")
@@ -32,6 +37,21 @@ def main(path: str) -> None:
             peak_text = f"{peak / 2**20:.0f}" if peak is not None else "n/a"
             print(f"| {shape} | {dtype} | {provider} | {median * 1e3:.3f} | {gbs:.1f} | {vs_eager} | {vs_compile} "
                   f"| {peak_text} |")
+
+
+def step_table(runs: list) -> None:
+    if not runs:
+        return
+    info0 = runs[0]["extra_info"]
+    print(f"\nspaced KD training step ({info0['model']}, batch {info0['batch']}) on {info0['device']}\n")
+    print("| variant | median ms per round | images/s | vs eager |")
+    print("|---|---|---|---|")
+    medians = {r["extra_info"]["variant"]: r["stats"]["median"] for r in runs}
+    for run in runs:
+        info, median = run["extra_info"], run["stats"]["median"]
+        eager = medians.get("eager")
+        ratio = f"{eager / median:.2f}×" if eager else "n/a"
+        print(f"| {info['variant']} | {median * 1e3:.1f} | {info['images_per_round'] / median:.0f} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -18,16 +18,18 @@ from .data import TensorBatches, load_dataset
 from .models import build_model
 from .progress import Progress
 from .schedule import SELF_METHODS, Step, steps
+from .optim import init_momentum, lr_at, make_sgd, set_lr
 from .steps import LossSettings, StepFunctions
 
 
 @dataclass
 class Role:
-    """A network that trains: its model, optimizer and lr scheduler."""
+    """A network that trains: its model, its optimizer, and where it stands in its own lr schedule."""
     name: str
     model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimizer: torch.optim.SGD
+    total_steps: int
+    steps_done: int = 0
 
 
 class RunningMean:
@@ -57,12 +59,9 @@ def resolve_device(name: str) -> torch.device:
 
 def _make_role(name, model, cfg: Config, total_steps: int, device) -> Role:
     model = model.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.lr_schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
-    else:
-        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    return Role(name, model, opt, sched)
+    optimizer = make_sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    init_momentum(optimizer)
+    return Role(name, model, optimizer, total_steps)
 
 
 def build_roles(cfg: Config, info, device, plan: list[Step]) -> dict[str, Role]:
@@ -171,9 +170,11 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
     trace = Trace(trace_path)
 
     roles = build_roles(cfg, data.info, device, plan)
-    fns = StepFunctions(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities), cfg.compile)
-    if cfg.compile and device.type != "cuda":
-        print("fastkd: --compile on CPU: steps compiled with inductor; CUDA graphs skipped (no GPU).")
+    fns = StepFunctions(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities), cfg.compile,
+                        device)
+    if cfg.compile:
+        print("fastkd: --compile: each step compiled whole with inductor; "
+              + ("captured in CUDA graphs." if fns.cuda_graphs else "CUDA graphs skipped (not on a CUDA device)."))
 
     losses = {name: RunningMean(device) for name in {step.role for step in plan}}
     progress = Progress(len(plan)) if not quiet else None
@@ -221,24 +222,23 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
 
 def _run_step(step: Step, role: Role, roles: dict, fns: StepFunctions, batch, live_logits, cfg: Config):
     """One optimizer step of `role` on `batch`; returns (loss, the logits of a teacher CE step or None)."""
-    m, opt, sched = role.model, role.optimizer, role.scheduler
+    set_lr(role.optimizer, lr_at(cfg.lr_schedule, cfg.lr, role.steps_done, role.total_steps))
+    role.steps_done += 1
+    model, opt, x, y = role.model, role.optimizer, batch.x, batch.y
     if step.kind == "ce":
-        loss, logits = fns.ce(m, opt, sched, batch.x, batch.y)
-        return loss, logits
+        loss, logits = fns("ce", model, opt, x, y)
+        # Copied out of the step's (CUDA-graph) output memory before another step can overwrite it.
+        return loss.clone(), logits.clone()
     if step.kind == "distill_live":  # online: the logits of the teacher's own forward on this batch
-        return fns.distill(m, opt, sched, batch.x, batch.y, live_logits), None
+        return fns("distill_live", model, opt, x, y, live_logits).clone(), None
     if step.kind == "distill":
         teacher = roles["teacher"].model
         # Default: eval mode, BatchNorm running statistics untouched. Official quirk: train mode during replay.
         teacher.train(cfg.teacher_train_mode_replay)
-        soft = fns.soft_targets(teacher, batch.x)
+        loss = fns("distill", model, teacher, opt, x, y)
         teacher.train(True)
-        return fns.distill(m, opt, sched, batch.x, batch.y, soft), None
-    if step.kind == "advance":
-        return fns.advance(m, opt, sched, batch.x, batch.y), None
-    if step.kind == "self_distill":
-        return fns.self_distill(m, opt, sched, batch.x, batch.y), None
-    raise AssertionError(f"unknown step kind {step.kind}")
+        return loss.clone(), None
+    return fns(step.kind, model, opt, x, y).clone(), None  # advance, self_distill
 
 
 
@@ -247,7 +247,7 @@ def _epoch_record(step: Step, role: Role, train_loss: float, cfg: Config, batche
                   images_per_s: float) -> dict:
     accuracy[role.name] = evaluate(role.model, batches, cfg.eval_batch_size)
     record = {"role": step.role, "epoch": step.batch // batches.batches_per_epoch, "train_loss": round(train_loss, 5),
-              "lr": role.optimizer.param_groups[0]["lr"], "images_per_s": round(images_per_s, 1)}
+              "lr": float(role.optimizer.param_groups[0]["lr"]), "images_per_s": round(images_per_s, 1)}
     for name in ("teacher", "student", "self"):
         if name in accuracy:
             record[f"{name}_top1"] = round(accuracy[name]["top1"], 2)

@@ -1,16 +1,19 @@
-"""The training steps: plain functions of (model, optimizer, batch) with the optimizer update inside.
+"""The training steps: pure functions of (models, optimizer, batch) with static shapes, the optimizer update
+inside and no host sync, so that each compiles whole and captures into a CUDA graph.
 
-`StepFunctions` holds the forward+loss functions, compiled with torch.compile when asked. Every soft-target loss
-goes through `fastkd.kernels.kd_loss`, except the official code's KL-on-probabilities quirk, which is reproduced
-as written there.
+Every soft-target loss goes through `fastkd.kernels.kd_loss`, except the official code's KL-on-probabilities
+quirk, which is reproduced as written there.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastkd.kernels.kd_loss import kd_loss
+
+from .optim import sgd_update
 
 
 @dataclass(frozen=True)
@@ -33,27 +36,39 @@ def soft_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, cfg: Lo
     return kd_loss(student_logits, teacher_logits, y, temperature=cfg.temperature, alpha=cfg.alpha)
 
 
-def ce_loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def _update(loss: Tensor, optimizer) -> Tensor:
+    loss.backward()
+    sgd_update(optimizer)
+    return loss.detach()
+
+
+def ce_step(model: nn.Module, optimizer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """A cross-entropy step (the teacher advancing, or the baseline student); also returns the logits."""
     logits = model(x)
-    return F.cross_entropy(logits, y), logits.detach()
+    return _update(F.cross_entropy(logits, y), optimizer), logits.detach()
 
 
-def distill_loss(student: nn.Module, x: Tensor, y: Tensor, teacher_logits: Tensor, cfg: LossSettings) -> Tensor:
-    return soft_loss(student(x), teacher_logits, y, cfg)
+def distill_step(student: nn.Module, optimizer, x: Tensor, y: Tensor, teacher_logits: Tensor,
+                 cfg: LossSettings) -> Tensor:
+    """The student distilling from given teacher logits (online KD: those of the teacher's own step)."""
+    return _update(soft_loss(student(x), teacher_logits, y, cfg), optimizer)
 
 
-def soft_targets(teacher: nn.Module, x: Tensor) -> Tensor:
+def replay_step(student: nn.Module, teacher: nn.Module, optimizer, x: Tensor, y: Tensor,
+                cfg: LossSettings) -> Tensor:
+    """The student replaying a batch, distilling from the teacher as it is now (its mode is set by the caller)."""
     with torch.no_grad():
-        return teacher(x)
+        teacher_logits = teacher(x)
+    return _update(soft_loss(student(x), teacher_logits, y, cfg), optimizer)
 
 
-def deepest_ce_loss(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def advance_step(net: nn.Module, optimizer, x: Tensor, y: Tensor) -> Tensor:
     """The spaced-self advance: only the deepest head's cross-entropy trains."""
     logits, _ = net(x)
-    return F.cross_entropy(logits[-1], y)
+    return _update(F.cross_entropy(logits[-1], y), optimizer)
 
 
-def self_distill_loss(net: nn.Module, x: Tensor, y: Tensor, cfg: LossSettings) -> Tensor:
+def self_distill_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, cfg: LossSettings) -> Tensor:
     """CE(deepest) + Σ_shallow [α·kd(shallow, deepest detached) + (1−α)·CE] + β·Σ_shallow ‖adapter(f) − f_deep‖₂."""
     logits, features = net(x)
     deep_logits, deep_features = logits[-1].detach(), features[-1].detach()
@@ -61,47 +76,49 @@ def self_distill_loss(net: nn.Module, x: Tensor, y: Tensor, cfg: LossSettings) -
     for shallow_logits, shallow_features, adapter in zip(logits[:-1], features[:-1], net.adapters):
         loss = loss + soft_loss(shallow_logits, deep_logits, y, cfg)
         loss = loss + cfg.beta * (adapter(shallow_features) - deep_features).norm(dim=1).mean()
-    return loss
+    return _update(loss, optimizer)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, loss: Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
+STEPS = {"ce": ce_step, "distill_live": distill_step, "distill": replay_step, "advance": advance_step,
+         "self_distill": self_distill_step}
 
 
 class StepFunctions:
-    """The forward+loss functions of every step kind, compiled by torch.compile when `compile` is set."""
+    """The step of every kind, each compiled whole (forward, loss, backward, update) when `compile` is set.
 
-    def __init__(self, cfg: LossSettings, compile: bool):
-        wrap = torch.compile if compile else (lambda f: f)
+    Compiled steps are fullgraph: a graph break is an error, not a silent slowdown. On CUDA they are captured in
+    CUDA graphs (mode="reduce-overhead"); the caller marks each step's start and copies any output it keeps.
+    """
+
+    def __init__(self, cfg: LossSettings, compile: bool, device: torch.device, cuda_graphs: Optional[bool] = None):
         self.cfg = cfg
-        self._ce = wrap(ce_loss)
-        self._distill = wrap(distill_loss)
-        self._soft_targets = wrap(soft_targets)
-        self._deepest_ce = wrap(deepest_ce_loss)
-        self._self_distill = wrap(self_distill_loss)
+        # CUDA graphs come with compiling on a CUDA device unless switched off (benchmarks compare both).
+        self.cuda_graphs = compile and device.type == "cuda" and cuda_graphs is not False
+        self.compiles = {kind: 0 for kind in STEPS}  # graphs compiled per step kind (recompiles show up here)
+        if compile:
+            if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+                raise ValueError(f"--compile needs torch >= 2.11 to trace loss.backward() into the step graph; "
+                                 f"this is torch {torch.__version__}")
+            # Lets Dynamo trace loss.backward() into the step's graph instead of breaking it there.
+            torch._dynamo.config.trace_autograd_ops = True
+            self.steps = {kind: torch.compile(fn, fullgraph=True, backend=self._inductor(kind))
+                          for kind, fn in STEPS.items()}
+        else:
+            self.steps = dict(STEPS)
 
-    def ce(self, model, optimizer, scheduler, x, y) -> tuple[Tensor, Tensor]:
-        loss, logits = self._ce(model, x, y)
-        optimizer_step(optimizer, scheduler, loss)
-        return loss.detach(), logits
+    def _inductor(self, kind):
+        """Inductor, with CUDA graphs on CUDA (what mode="reduce-overhead" sets), counting compiles per kind."""
+        from torch._inductor.compile_fx import compile_fx
 
-    def soft_targets(self, teacher, x) -> Tensor:
-        return self._soft_targets(teacher, x)
+        def backend(graph_module, example_inputs):
+            self.compiles[kind] += 1
+            return compile_fx(graph_module, example_inputs, config_patches={"triton.cudagraphs": self.cuda_graphs})
 
-    def distill(self, student, optimizer, scheduler, x, y, teacher_logits) -> Tensor:
-        loss = self._distill(student, x, y, teacher_logits, self.cfg)
-        optimizer_step(optimizer, scheduler, loss)
-        return loss.detach()
+        return backend
 
-    def advance(self, net, optimizer, scheduler, x, y) -> Tensor:
-        loss = self._deepest_ce(net, x, y)
-        optimizer_step(optimizer, scheduler, loss)
-        return loss.detach()
-
-    def self_distill(self, net, optimizer, scheduler, x, y) -> Tensor:
-        loss = self._self_distill(net, x, y, self.cfg)
-        optimizer_step(optimizer, scheduler, loss)
-        return loss.detach()
+    def __call__(self, kind: str, *args):
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        if kind in ("distill_live", "distill", "self_distill"):
+            args = (*args, self.cfg)
+        return self.steps[kind](*args)

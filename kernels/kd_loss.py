@@ -113,6 +113,10 @@ def _cpu_rows_and_grad(s, t, target, *args):
     global _compiled_analytic
     if _compiled_analytic is None:
         _compiled_analytic = torch.compile(_analytic_rows_and_grad, dynamic=False)
+    # Mark fresh aliases, not the caller's tensors: a marking left on them would make an enclosing compiled graph
+    # see a changed input and recompile.
+    s, t = s.detach(), t.detach()
+    target = target.detach() if target is not None else None
     for x in (s, t) if target is None else (s, t, target):
         torch._dynamo.maybe_mark_dynamic(x, 0)
     return _compiled_analytic(s, t, target, *args)
