@@ -10,7 +10,7 @@ from .schedule import DEFAULT_INTERVAL, METHODS
 # The lr schedule is ours: lr 0.05 with per-step cosine decay to 0 over each optimizer's own number of steps.
 # 15 epochs of the thin ResNet-20 keep the default digits run well under a minute on 2 CPU cores (98% top-1);
 # image datasets default to the paper's ResNet-18.
-DEFAULT_MODELS = {"digits": "resnet20", "synthetic": "tiny"}
+DEFAULT_MODELS = {"digits": "resnet20", "synthetic": "tiny", "cifar100": "resnet18", "tiny-imagenet": "resnet18"}
 
 
 @dataclass
@@ -21,6 +21,7 @@ class Config:
     student: Optional[str] = None
     dataset: str = "digits"
     data_dir: Optional[str] = None
+    loader: str = "auto"  # image folders: "dali" (default where installed), "torch"; "auto" picks
     epochs: int = 15
     batch_size: int = 128
     lr: float = 0.05
@@ -90,5 +91,7 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if cfg.lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"--lr-schedule must be cosine or constant, got {cfg.lr_schedule!r}")
+    if cfg.loader not in ("auto", "dali", "torch"):
+        raise ValueError(f"--loader must be auto, dali or torch, got {cfg.loader!r}")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise ValueError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")

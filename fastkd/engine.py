@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data import TensorBatches, load_dataset
+from .data import make_batches
 from .models import build_model
 from .progress import Progress
 from .schedule import SELF_METHODS, Step, steps
@@ -85,7 +85,7 @@ def build_roles(cfg: Config, info, device, plan: list[Step]) -> dict[str, Role]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: TensorBatches, batch_size: int) -> dict:
+def evaluate(model: nn.Module, batches, batch_size: int) -> dict:
     """Top-1 and top-5 (%) on every test sample; for a multi-exit net, the deepest head plus every head's top-1."""
     was_training = model.training
     model.eval()
@@ -160,16 +160,17 @@ class Trace:
 
 def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: bool = False) -> dict:
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.dataset, cfg.data_dir)
-    batches = TensorBatches(data, cfg.batch_size, cfg.seed, device, cfg.train_subset)
+    batches = make_batches(cfg.dataset, cfg.data_dir, cfg.loader, cfg.batch_size, cfg.seed, device,
+                           cfg.train_subset)
+    info = batches.info
     per_epoch = batches.batches_per_epoch
     plan = list(steps(cfg.method, cfg.epochs, per_epoch, cfg.resolved_interval(),
                       replay_leftover=not cfg.no_final_replay))
     run_dir = RunDirectory(out_dir)
-    run_dir.write_config(cfg, data.info)
+    run_dir.write_config(cfg, info)
     trace = Trace(trace_path)
 
-    roles = build_roles(cfg, data.info, device, plan)
+    roles = build_roles(cfg, info, device, plan)
     fns = StepFunctions(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities), cfg.compile,
                         device)
     if cfg.compile:
@@ -181,11 +182,16 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
     accuracy = {}
     images, window_images, start = 0, 0, time.perf_counter()
     window_start = start
+    # Every batch is (re)generated from its identity, in plan order; consecutive steps on one batch (online KD)
+    # share it. No image is ever stored for a later replay.
+    identities = [divmod(g, per_epoch) for i, g in enumerate(s.batch for s in plan)
+                  if i == 0 or plan[i - 1].batch != g]
+    stream = batches.stream(identities)
     batch, live_logits = None, None
     for done, step in enumerate(plan, 1):
         epoch, position = divmod(step.batch, per_epoch)
         if batch is None or (batch.epoch, batch.position) != (epoch, position):
-            batch = batches.batch(epoch, position)  # regenerated from its identity; no image is ever stored
+            batch = next(stream)
         role = roles[step.role]
         loss, live_logits = _run_step(step, role, roles, fns, batch, live_logits, cfg)
         losses[step.role].add(loss)

@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--student", default=None,
       help=f"student model (the multi-exit network for self methods); same choices and defaults as --teacher")
     a("--dataset", default=DEFAULTS.dataset, help=f"dataset: {', '.join(DATASETS)}")
-    a("--data-dir", default=None, help="dataset folder (for datasets read from disk)")
+    a("--data-dir", default=None,
+      help="dataset folder: Tiny-ImageNet (wnids.txt, train/, val/), CIFAR-100 python pickles, or ImageFolder "
+           "(train/<class>/*, val/<class>/*)")
+    a("--loader", choices=("auto", "dali", "torch"), default=DEFAULTS.loader,
+      help="loader for image folders: DALI pipelines (GPU, or CPU without one) or a torchvision DataLoader; "
+           "auto = dali where installed")
     a("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULTS.epochs}, or the preset's)")
     a("--batch-size", type=int, default=DEFAULTS.batch_size, help="training batch size (last partial batch dropped)")
     a("--lr", type=float, default=None, help=f"peak learning rate (default {DEFAULTS.lr}, or the preset's)")

@@ -1,6 +1,6 @@
 """The dataset description and the in-memory batch source (data resident on the training device)."""
 from dataclasses import asdict, dataclass
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -48,28 +48,31 @@ def _identity_seed(seed: int, epoch: int, position: int) -> int:
     return h
 
 
-class TensorBatches:
-    """Training batches by identity over an in-memory dataset; the last partial batch is dropped (static shapes).
+class BatchIdentities:
+    """Which samples form batch (epoch, position): the epoch's seeded permutation of the training pool, cut into
+    batches of `batch_size` (the last partial batch dropped, so shapes stay static). Every loader shares this, so a
+    batch is named by its identity alone and can be regenerated at any time.
 
-    `train_subset` keeps a seeded subset of that many training samples (the low-data regime).
+    `train_subset` keeps a seeded subset of that many samples (the low-data regime). `shard_id` / `num_shards` give
+    each rank its contiguous slice of every global batch (for data-parallel training).
     """
 
-    def __init__(self, data: TensorDataset, batch_size: int, seed: int, device: torch.device,
-                 train_subset: Optional[int] = None):
-        n = data.train_x.shape[0]
+    def __init__(self, train_len: int, batch_size: int, seed: int, dataset_name: str,
+                 train_subset: Optional[int] = None, shard_id: int = 0, num_shards: int = 1):
         if train_subset is not None:
-            if not 1 <= train_subset <= n:
-                raise ValueError(f"--train-subset must be in [1, {n}] for {data.info.name}, got {train_subset}")
+            if not 1 <= train_subset <= train_len:
+                raise ValueError(f"--train-subset must be in [1, {train_len}] for {dataset_name}, got {train_subset}")
             g = torch.Generator().manual_seed(_identity_seed(seed, -1, -1))
-            self.pool = torch.randperm(n, generator=g)[:train_subset].sort().values
+            self.pool = torch.randperm(train_len, generator=g)[:train_subset].sort().values
         else:
-            self.pool = torch.arange(n)
+            self.pool = torch.arange(train_len)
         if batch_size > len(self.pool):
             raise ValueError(f"--batch-size {batch_size} is larger than the {len(self.pool)} training samples")
-        self.data, self.batch_size, self.seed, self.device = data, batch_size, seed, device
+        if batch_size % num_shards:
+            raise ValueError(f"--batch-size {batch_size} does not split evenly across {num_shards} shards")
+        self.batch_size, self.seed = batch_size, seed
+        self.shard_id, self.num_shards = shard_id, num_shards
         self.batches_per_epoch = len(self.pool) // batch_size
-        self._train_x = data.train_x.to(device)
-        self._train_y = data.train_y.to(device)
         self._perm_epoch, self._perm = None, None
 
     def _permutation(self, epoch: int) -> Tensor:
@@ -80,17 +83,40 @@ class TensorBatches:
         return self._perm
 
     def indices(self, epoch: int, position: int) -> Tensor:
+        """This shard's dataset indices of batch (epoch, position), in batch order."""
         if not 0 <= position < self.batches_per_epoch:
             raise IndexError(f"batch position {position} outside [0, {self.batches_per_epoch})")
-        start = position * self.batch_size
-        return self._permutation(epoch)[start:start + self.batch_size]
+        per_shard = self.batch_size // self.num_shards
+        start = position * self.batch_size + self.shard_id * per_shard
+        return self._permutation(epoch)[start:start + per_shard]
+
+    def epoch_indices(self, epoch: int) -> Tensor:
+        """This shard's indices of every batch of the epoch, concatenated in order."""
+        return torch.cat([self.indices(epoch, p) for p in range(self.batches_per_epoch)])
+
+    def augmentation_generator(self, epoch: int, position: int) -> torch.Generator:
+        return torch.Generator().manual_seed(_identity_seed(self.seed, epoch, position))
+
+
+class TensorBatches(BatchIdentities):
+    """Training batches by identity over an in-memory dataset, resident on the training device."""
+
+    def __init__(self, data: TensorDataset, batch_size: int, seed: int, device: torch.device,
+                 train_subset: Optional[int] = None, shard_id: int = 0, num_shards: int = 1):
+        super().__init__(data.train_x.shape[0], batch_size, seed, data.info.name, train_subset, shard_id, num_shards)
+        self.data, self.info, self.device = data, data.info, device
+        self._train_x = data.train_x.to(device)
+        self._train_y = data.train_y.to(device)
 
     def batch(self, epoch: int, position: int) -> Batch:
         idx = self.indices(epoch, position)
         dev_idx = idx.to(self.device)
-        x = augment(self._train_x.index_select(0, dev_idx), self.data.info,
-                    torch.Generator().manual_seed(_identity_seed(self.seed, epoch, position)))
+        x = augment(self._train_x.index_select(0, dev_idx), self.info, self.augmentation_generator(epoch, position))
         return Batch(x, self._train_y.index_select(0, dev_idx), idx, epoch, position)
+
+    def stream(self, identities: Iterable[tuple[int, int]]) -> Iterator[Batch]:
+        """The batches of `identities`, in that order (the engine passes its whole plan)."""
+        return (self.batch(e, p) for e, p in identities)
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Every test sample, in order; the last batch may be smaller."""

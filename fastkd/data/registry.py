@@ -1,10 +1,13 @@
-"""The built-in datasets: scikit-learn's bundled `digits` (real, offline) and a synthetic one for tests."""
-from typing import Optional
+"""Dataset names → data: the bundled `digits` (real, offline), a synthetic one for tests, and the user's folders."""
+from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from .base import DatasetInfo, TensorDataset
+from .base import DatasetInfo, TensorBatches, TensorDataset
+from .folders import ImageFiles, load_cifar100, scan_imagefolder, scan_tiny_imagenet
+from .loaders import DaliFileBatches, TorchFileBatches, dali_available
 
 DIGITS_TEST_FRACTION = 1 / 6
 DIGITS_SPLIT_SEED = 0  # the train/test split is fixed, so every run evaluates on the same 300 images
@@ -50,10 +53,42 @@ def load_synthetic(data_dir: Optional[str] = None, num_classes: int = 4, channel
     return TensorDataset(info, train_x, train_y, test_x, test_y)
 
 
-DATASETS = {"digits": load_digits, "synthetic": load_synthetic}
+def _folder(reader):
+    def load(data_dir: Optional[str]):
+        if not data_dir:
+            raise ValueError("--data-dir is required for this --dataset")
+        return reader(Path(data_dir))
+    return load
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None) -> TensorDataset:
+DATASETS = {"digits": load_digits, "synthetic": load_synthetic, "tiny-imagenet": _folder(scan_tiny_imagenet),
+            "cifar100": _folder(load_cifar100), "imagefolder": _folder(scan_imagefolder)}
+LOADERS = ("auto", "dali", "torch")
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None) -> Union[TensorDataset, ImageFiles]:
     if name not in DATASETS:
         raise ValueError(f"--dataset {name!r} is unknown; choose from {', '.join(DATASETS)}")
     return DATASETS[name](data_dir)
+
+
+def make_batches(dataset: str, data_dir: Optional[str], loader: str, batch_size: int, seed: int,
+                 device: torch.device, train_subset: Optional[int] = None, shard_id: int = 0, num_shards: int = 1):
+    """The batch source for a run: in-memory datasets live on the device; image folders go through a loader."""
+    data = load_dataset(dataset, data_dir)
+    args = (batch_size, seed, device, train_subset, shard_id, num_shards)
+    if isinstance(data, TensorDataset):
+        if loader != "auto":
+            print(f"fastkd: --loader {loader} ignored: {dataset} is held decoded in device memory.")
+        return TensorBatches(data, *args)
+    if loader == "auto":
+        loader = "dali" if dali_available() else "torch"
+        if loader == "torch":
+            print("fastkd: DALI is not installed: using --loader torch (pip install nvidia-dali-cuda130 for DALI).")
+    if loader == "dali":
+        if not dali_available():
+            raise ValueError("--loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda130, or use --loader torch")
+        return DaliFileBatches(data, *args)
+    if loader == "torch":
+        return TorchFileBatches(data, *args)
+    raise ValueError(f"--loader must be one of {', '.join(LOADERS)}, got {loader!r}")

@@ -1,0 +1,161 @@
+"""Image-folder datasets through the DALI and torch loaders: exact replay, full evaluation, and bad input."""
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from fastkd.data import make_batches
+from fastkd.data import loaders as loaders_module
+from fastkd.data import registry
+from fastkd.data.synth import write
+from fastkd.schedule import steps
+from fastkd.train import main
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_imagenet(tmp_path_factory):
+    return write(tmp_path_factory.mktemp("data") / "tiny", "tiny-imagenet", num_classes=4, per_class=20,
+                 val_per_class=3)
+
+
+def plan_identities(per_epoch, method="spaced", epochs=3, interval=0.7):
+    plan = list(steps(method, epochs, per_epoch, interval))
+    return [divmod(s.batch, per_epoch) for i, s in enumerate(plan) if i == 0 or plan[i - 1].batch != s.batch]
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_replayed_batches_equal_the_teachers_pixel_for_pixel(tiny_imagenet, loader):
+    batches = make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 5, CPU)
+    identities = plan_identities(batches.batches_per_epoch)  # I = 5, K = 3: replays start mid-epoch
+    first = {}
+    replays = 0
+    for identity, batch in zip(identities, batches.stream(identities)):
+        assert (batch.epoch, batch.position) == identity
+        assert batch.x.shape == (16, 3, 64, 64) and batch.x.dtype == torch.float32
+        if identity in first:
+            x, idx = first[identity]
+            assert torch.equal(batch.x, x) and torch.equal(batch.indices, idx), identity
+            replays += 1
+        else:
+            first[identity] = (batch.x, batch.indices)
+    assert replays == len(first) == 3 * 5
+    # Augmentation is really random: the same samples in another epoch look different.
+    assert not torch.equal(first[(0, 0)][0], first[(1, 0)][0])
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_loaders_label_batches_and_evaluate_every_test_image(tiny_imagenet, loader):
+    batches = make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 0, CPU)
+    batch = next(batches.stream([(0, 1)]))
+    assert torch.equal(batch.y, batches.labels[batch.indices])
+    assert torch.equal(batch.indices, batches.indices(0, 1))
+    seen = sum(len(y) for _, y in batches.test_batches(5))
+    assert seen == batches.info.test_len == 12
+
+
+def test_dali_and_torch_loaders_agree_on_samples_and_statistics(tiny_imagenet):
+    dali = next(make_batches("tiny-imagenet", str(tiny_imagenet), "dali", 16, 2, CPU).stream([(0, 0)]))
+    torch_ = next(make_batches("tiny-imagenet", str(tiny_imagenet), "torch", 16, 2, CPU).stream([(0, 0)]))
+    assert torch.equal(dali.indices, torch_.indices)
+    assert abs(dali.x.mean() - torch_.x.mean()) < 0.1 and abs(dali.x.std() - torch_.x.std()) < 0.1
+
+
+@pytest.mark.parametrize("layout,dataset", [("tiny-imagenet", "tiny-imagenet"), ("cifar100", "cifar100"),
+                                            ("imagefolder", "imagefolder")])
+def test_training_runs_on_every_layout(tmp_path, layout, dataset):
+    size = None if layout == "cifar100" else 16  # CIFAR pickles are 32×32 by format; folders get resized to 64
+    root = write(tmp_path / layout, layout, num_classes=3, per_class=12, val_per_class=2, size=size)
+    code = main(["--method", "spaced", "--dataset", dataset, "--data-dir", str(root), "--epochs", "2",
+                 "--batch-size", "8", "--teacher", "tiny", "--student", "tiny", "--quiet", "--out",
+                 str(tmp_path / "run")])
+    assert code == 0
+
+
+def test_asking_for_dali_without_it_names_the_fix(tiny_imagenet, monkeypatch):
+    monkeypatch.setattr(registry, "dali_available", lambda: False)
+    with pytest.raises(ValueError, match="pip install nvidia-dali"):
+        make_batches("tiny-imagenet", str(tiny_imagenet), "dali", 16, 0, CPU)
+
+
+def _corrupt(tmp_path, tiny_imagenet):
+    root = tmp_path / "corrupt"
+    shutil.copytree(tiny_imagenet, root)
+    victim = sorted((root / "train").glob("*/images/*.JPEG"))[0]
+    victim.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return root, victim
+
+
+def _broken_layouts(tmp_path, tiny_imagenet):
+    def copy(name):
+        root = tmp_path / name
+        shutil.copytree(tiny_imagenet, root)
+        return root
+
+    cases = []
+    cases.append((tmp_path / "nowhere", "nowhere"))
+    root = copy("no-wnids")
+    (root / "wnids.txt").unlink()
+    cases.append((root, "wnids.txt"))
+    root = copy("empty-class")
+    victim = sorted((root / "train").iterdir())[0]
+    for f in (victim / "images").iterdir():
+        f.unlink()
+    cases.append((root, victim.name))
+    root = copy("unannotated")
+    Image.new("RGB", (64, 64)).save(root / "val" / "images" / "stray.JPEG")
+    cases.append((root, "stray.JPEG"))
+    root = copy("extra-class")
+    (root / "wnids.txt").write_text((root / "wnids.txt").read_text() + "n99999999\n")
+    cases.append((root, "classes"))
+    return cases
+
+
+def test_bad_folders_give_one_clear_error_naming_the_path(tmp_path, tiny_imagenet):
+    for root, fragment in _broken_layouts(tmp_path, tiny_imagenet):
+        with pytest.raises(ValueError, match=fragment):
+            make_batches("tiny-imagenet", str(root), "torch", 16, 0, CPU)
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_a_corrupt_jpeg_is_reported_when_first_read(tmp_path, tiny_imagenet, loader):
+    root, victim = _corrupt(tmp_path, tiny_imagenet)
+    with pytest.raises(ValueError) as err:  # DALI checks file structure up front, torch when it decodes
+        batches = make_batches("tiny-imagenet", str(root), loader, 80, 0, CPU)  # one batch holds every image
+        next(batches.stream([(0, 0)]))
+    assert len(str(err.value).splitlines()) == 1
+    assert str(victim) in str(err.value)
+
+
+def test_truncated_cifar_pickle_is_one_error_naming_the_file(tmp_path):
+    root = write(tmp_path / "cifar", "cifar100", num_classes=3, per_class=4)
+    train = root / "cifar-100-python" / "train"
+    train.write_bytes(train.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cifar-100-python/train"):
+        make_batches("cifar100", str(root), "auto", 4, 0, CPU)
+
+
+def test_cli_bad_data_dir_exits_2_with_one_line_and_no_traceback(tmp_path, tiny_imagenet):
+    root, _ = _corrupt(tmp_path, tiny_imagenet)
+    for args in (["--data-dir", str(tmp_path / "missing")], ["--data-dir", str(root), "--batch-size", "80"]):
+        proc = subprocess.run([sys.executable, "-m", "fastkd.train", "--dataset", "tiny-imagenet", "--teacher",
+                               "tiny", "--student", "tiny", "--epochs", "1", "--quiet", "--loader", "torch",
+                               "--out", str(tmp_path / "out"), *args], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_synth_writes_real_formats(tmp_path):
+    root = write(tmp_path / "c", "cifar100", num_classes=2, per_class=3)
+    with open(root / "cifar-100-python" / "train", "rb") as f:
+        record = pickle.load(f, encoding="bytes")
+    assert record[b"data"].shape == (6, 3072) and record[b"fine_labels"] == [0, 0, 0, 1, 1, 1]
+    root = write(tmp_path / "t", "tiny-imagenet", num_classes=2, per_class=2)
+    with Image.open(next((root / "train").glob("*/images/*.JPEG"))) as image:
+        assert image.format == "JPEG" and image.size == (64, 64)
+    assert loaders_module.dali_available()
