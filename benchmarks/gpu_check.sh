@@ -2,7 +2,7 @@
 # The prepared GPU check: one device call (about 6 minutes) on a CUDA machine that has torch, triton, pytest and
 # pytest-benchmark and no network. It installs fastkd offline, runs the kernel tests on the GPU (compiled Triton, not
 # the interpreter), benchmarks kd_loss at the small and the LLM-vocabulary shapes, benchmarks the spaced-KD training
-# step (eager, compiled, compiled + CUDA graphs), and prints the tables last.
+# step (eager, compiled, compiled + CUDA graphs) and the training loader, and prints the tables last.
 # Results land in $OUT (the device tool's output folder) or /tmp/fastkd-gpu-check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +27,12 @@ echo "== training-step benchmark (eager, compiled, compiled + CUDA graphs)"
 timeout 150 python3 -m pytest benchmarks/test_step_bench.py --benchmark-only -q \
     --benchmark-json="$out/step_bench.json" 2>&1 | tail -n 5 || status=1
 
+echo "== training-loader benchmark (torch DataLoader; DALI where installed)"
+timeout 60 python3 -m pytest benchmarks/test_loader_bench.py --benchmark-only -q \
+    --benchmark-json="$out/loader_bench.json" 2>&1 | tail -n 5 || status=1
+
 echo "== tables"
-for f in "$out/kd_loss_bench.json" "$out/step_bench.json"; do
+for f in "$out/kd_loss_bench.json" "$out/step_bench.json" "$out/loader_bench.json"; do
     [ -f "$f" ] && python3 benchmarks/report.py "$f" | tee -a "$out/tables.md"
 done
 exit $status

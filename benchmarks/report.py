@@ -11,7 +11,8 @@ def main(path: str) -> None:
     with open(path) as f:
         runs = json.load(f)["benchmarks"]
     kd_loss_table([r for r in runs if "provider" in r["extra_info"]])
-    step_table([r for r in runs if "images_per_round" in r["extra_info"]])
+    step_table([r for r in runs if "variant" in r["extra_info"]])
+    loader_table([r for r in runs if "loader" in r["extra_info"]])
 
 
 def kd_loss_table(runs: list) -> None:
@@ -52,6 +53,20 @@ def step_table(runs: list) -> None:
         eager = medians.get("eager")
         ratio = f"{eager / median:.2f}×" if eager else "n/a"
         print(f"| {info['variant']} | {median * 1e3:.1f} | {info['images_per_round'] / median:.0f} | {ratio} |")
+
+
+def loader_table(runs: list) -> None:
+    if not runs:
+        return
+    print(f"\ntraining loader, Tiny-ImageNet shape (64×64 JPEG, batch 128) on {runs[0]['extra_info']['device']}\n")
+    print("| loader | median s per epoch | images/s | vs torch DataLoader |")
+    print("|---|---|---|---|")
+    medians = {r["extra_info"]["loader"]: r["stats"]["median"] for r in runs}
+    for run in runs:
+        info, median = run["extra_info"], run["stats"]["median"]
+        baseline = medians.get("torch")
+        ratio = f"{baseline / median:.2f}×" if baseline else "n/a"
+        print(f"| {info['loader']} | {median:.2f} | {info['images_per_round'] / median:.0f} | {ratio} |")
 
 
 if __name__ == "__main__":
