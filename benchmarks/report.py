@@ -11,8 +11,13 @@ def main(path: str) -> None:
     with open(path) as f:
         runs = json.load(f)["benchmarks"]
     kd_loss_table([r for r in runs if "provider" in r["extra_info"]])
-    step_table([r for r in runs if "variant" in r["extra_info"]])
-    loader_table([r for r in runs if "loader" in r["extra_info"]])
+    steps = [r for r in runs if "variant" in r["extra_info"]]
+    if steps:
+        info = steps[0]["extra_info"]
+        throughput_table(steps, f"spaced KD training step ({info['model']}, batch {info['batch']})", "variant",
+                         "eager")
+    throughput_table([r for r in runs if "loader" in r["extra_info"]],
+                     "training loader, one epoch at Tiny-ImageNet's shape (64×64 JPEG, batch 128)", "loader", "torch")
 
 
 def kd_loss_table(runs: list) -> None:
@@ -40,33 +45,18 @@ def kd_loss_table(runs: list) -> None:
                   f"| {peak_text} |")
 
 
-def step_table(runs: list) -> None:
+def throughput_table(runs: list, title: str, key: str, baseline: str) -> None:
+    """Median time per round, images/s and the ratio to the `baseline` value of extra_info[key]."""
     if not runs:
         return
-    info0 = runs[0]["extra_info"]
-    print(f"\nspaced KD training step ({info0['model']}, batch {info0['batch']}) on {info0['device']}\n")
-    print("| variant | median ms per round | images/s | vs eager |")
+    print(f"\n{title} on {runs[0]['extra_info']['device']}\n")
+    print(f"| {key} | median ms per round | images/s | vs {baseline} |")
     print("|---|---|---|---|")
-    medians = {r["extra_info"]["variant"]: r["stats"]["median"] for r in runs}
+    medians = {r["extra_info"][key]: r["stats"]["median"] for r in runs}
     for run in runs:
         info, median = run["extra_info"], run["stats"]["median"]
-        eager = medians.get("eager")
-        ratio = f"{eager / median:.2f}×" if eager else "n/a"
-        print(f"| {info['variant']} | {median * 1e3:.1f} | {info['images_per_round'] / median:.0f} | {ratio} |")
-
-
-def loader_table(runs: list) -> None:
-    if not runs:
-        return
-    print(f"\ntraining loader, Tiny-ImageNet shape (64×64 JPEG, batch 128) on {runs[0]['extra_info']['device']}\n")
-    print("| loader | median s per epoch | images/s | vs torch DataLoader |")
-    print("|---|---|---|---|")
-    medians = {r["extra_info"]["loader"]: r["stats"]["median"] for r in runs}
-    for run in runs:
-        info, median = run["extra_info"], run["stats"]["median"]
-        baseline = medians.get("torch")
-        ratio = f"{baseline / median:.2f}×" if baseline else "n/a"
-        print(f"| {info['loader']} | {median:.2f} | {info['images_per_round'] / median:.0f} | {ratio} |")
+        ratio = f"{medians[baseline] / median:.2f}×" if baseline in medians else "n/a"
+        print(f"| {info[key]} | {median * 1e3:.1f} | {info['images_per_round'] / median:.0f} | {ratio} |")
 
 
 if __name__ == "__main__":
