@@ -16,9 +16,9 @@ from torch import nn
 from .config import Config
 from .data import make_batches
 from .models import build_model
+from .optim import init_momentum, lr_at, make_sgd, set_lr
 from .progress import Progress
 from .schedule import SELF_METHODS, Step, steps
-from .optim import init_momentum, lr_at, make_sgd, set_lr
 from .steps import LossSettings, StepFunctions
 
 
