@@ -40,7 +40,7 @@ class Batch:
     position: int
 
 
-def _identity_seed(seed: int, epoch: int, position: int) -> int:
+def identity_seed(seed: int, epoch: int, position: int) -> int:
     # A fixed mixing of the identity into a 63-bit seed; independent of any global RNG state.
     h = seed & 0xFFFFFFFF
     for part in (epoch, position):
@@ -62,7 +62,7 @@ class BatchIdentities:
         if train_subset is not None:
             if not 1 <= train_subset <= train_len:
                 raise ValueError(f"--train-subset must be in [1, {train_len}] for {dataset_name}, got {train_subset}")
-            g = torch.Generator().manual_seed(_identity_seed(seed, -1, -1))
+            g = torch.Generator().manual_seed(identity_seed(seed, -1, -1))
             self.pool = torch.randperm(train_len, generator=g)[:train_subset].sort().values
         else:
             self.pool = torch.arange(train_len)
@@ -77,7 +77,7 @@ class BatchIdentities:
 
     def _permutation(self, epoch: int) -> Tensor:
         if self._perm_epoch != epoch:
-            g = torch.Generator().manual_seed(_identity_seed(self.seed, epoch, -1))
+            g = torch.Generator().manual_seed(identity_seed(self.seed, epoch, -1))
             self._perm = self.pool[torch.randperm(len(self.pool), generator=g)]
             self._perm_epoch = epoch
         return self._perm
@@ -95,7 +95,7 @@ class BatchIdentities:
         return torch.cat([self.indices(epoch, p) for p in range(self.batches_per_epoch)])
 
     def augmentation_generator(self, epoch: int, position: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_identity_seed(self.seed, epoch, position))
+        return torch.Generator().manual_seed(identity_seed(self.seed, epoch, position))
 
 
 class TensorBatches(BatchIdentities):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .base import Batch, BatchIdentities, _identity_seed, augment
+from .base import Batch, BatchIdentities, identity_seed, augment
 from .folders import ImageFiles
 
 
@@ -172,7 +172,7 @@ class DaliFileBatches(FileBatches):
             [self.files.train_paths[i] for i in ids], ids, self.info, self.mean255, self.std255, self.on_gpu,
             batch_size=self.batch_size // self.num_shards, num_threads=self.num_threads,
             device_id=(self.device.index or 0) if self.on_gpu else None,
-            seed=_identity_seed(self.seed, epoch, -2) % (1 << 31), checkpoint=checkpoint)
+            seed=identity_seed(self.seed, epoch, -2) % (1 << 31), checkpoint=checkpoint)
         pipe.build()
         return pipe
 
