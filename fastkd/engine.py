@@ -4,6 +4,8 @@ Read one run top to bottom in `train`: build the roles, walk the schedule, regen
 identity (never from a buffer), run the step, and record.
 """
 import json
+import os
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -13,13 +15,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .checkpoint import CHECKPOINT, save_atomic
 from .config import Config
 from .data import make_batches
 from .models import build_model
 from .optim import init_momentum, lr_at, make_sgd, set_lr
 from .progress import Progress
 from .schedule import SELF_METHODS, Step, steps
-from .steps import LossSettings, StepFunctions
+from .steps import MAX_TERMS, TERM_NAMES, LossSettings, StepFunctions
 
 
 @dataclass
@@ -112,7 +115,7 @@ def evaluate(model: nn.Module, batches, batch_size: int) -> dict:
 class RunDirectory:
     """--out: config.json, metrics.jsonl and the final state dicts."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, truncate_metrics_to: Optional[int] = None):
         self.path = path
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -122,6 +125,9 @@ class RunDirectory:
         except OSError as e:
             raise ValueError(f"--out {path} is not writable: {e.strerror or e}") from None
         self.metrics = open(path / "metrics.jsonl", "a")
+        if truncate_metrics_to is not None:  # resuming: drop records written after the checkpoint
+            self.metrics.truncate(truncate_metrics_to)
+            self.metrics.seek(0, os.SEEK_END)
 
     def write_config(self, cfg: Config, info) -> None:
         record = {**cfg.to_dict(), "dataset_info": info.to_dict()}
@@ -143,8 +149,13 @@ class RunDirectory:
 class Trace:
     """--trace: one JSON line per optimizer step, exactly as the schedule ran it."""
 
-    def __init__(self, path: Optional[str]):
-        self.file = open(path, "w") if path else None
+    def __init__(self, path: Optional[str], truncate_to: Optional[int] = None):
+        if path and truncate_to is not None and Path(path).exists():  # resuming: continue after the checkpoint
+            self.file = open(path, "a")
+            self.file.truncate(truncate_to)
+            self.file.seek(0, os.SEEK_END)
+        else:
+            self.file = open(path, "w") if path else None
 
     def write(self, step: Step, batches_per_epoch: int, samples: torch.Tensor) -> None:
         if self.file is None:
@@ -158,7 +169,8 @@ class Trace:
             self.file.close()
 
 
-def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: bool = False) -> dict:
+def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: bool = False,
+          resume: Optional[dict] = None, save_every: Optional[int] = None) -> dict:
     device = resolve_device(cfg.device)
     batches = make_batches(cfg.dataset, cfg.data_dir, cfg.loader, cfg.batch_size, cfg.seed, device,
                            cfg.train_subset)
@@ -166,9 +178,9 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
     per_epoch = batches.batches_per_epoch
     plan = list(steps(cfg.method, cfg.epochs, per_epoch, cfg.resolved_interval(),
                       replay_leftover=not cfg.no_final_replay))
-    run_dir = RunDirectory(out_dir)
+    run_dir = RunDirectory(out_dir, truncate_metrics_to=resume["metrics_bytes"] if resume else None)
     run_dir.write_config(cfg, info)
-    trace = Trace(trace_path)
+    trace = Trace(trace_path, truncate_to=resume.get("trace_bytes") if resume else None)
 
     roles = build_roles(cfg, info, device, plan)
     fns = StepFunctions(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities), cfg.compile,
@@ -178,36 +190,50 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
               + ("captured in CUDA graphs." if fns.cuda_graphs else "CUDA graphs skipped (not on a CUDA device)."))
 
     losses = {name: RunningMean(device) for name in {step.role for step in plan}}
+    accuracy, images, first = {}, 0, 0
+    if resume:
+        first, images, accuracy = _restore(resume, roles, losses)
     progress = Progress(len(plan)) if not quiet else None
-    accuracy = {}
-    images, window_images, start = 0, 0, time.perf_counter()
+    window_images, start = 0, time.perf_counter()
     window_start = start
     # Every batch is (re)generated from its identity, in plan order; consecutive steps on one batch (online KD)
     # share it. No image is ever stored for a later replay.
-    identities = [divmod(g, per_epoch) for i, g in enumerate(s.batch for s in plan)
-                  if i == 0 or plan[i - 1].batch != g]
+    identities = [divmod(plan[i].batch, per_epoch) for i in range(first, len(plan))
+                  if i == first or plan[i - 1].batch != plan[i].batch]
     stream = batches.stream(identities)
     batch, live_logits = None, None
-    for done, step in enumerate(plan, 1):
-        epoch, position = divmod(step.batch, per_epoch)
-        if batch is None or (batch.epoch, batch.position) != (epoch, position):
-            batch = next(stream)
-        role = roles[step.role]
-        loss, live_logits = _run_step(step, role, roles, fns, batch, live_logits, cfg)
-        losses[step.role].add(loss)
-        images += cfg.batch_size
-        window_images += cfg.batch_size
-        trace.write(step, per_epoch, batch.indices)
-        if progress:
-            progress.update(done, f"{step.role} epoch {epoch}")
-        if (step.batch + 1) % per_epoch == 0:  # this role finished an epoch's last batch
-            now = time.perf_counter()
-            record = _epoch_record(step, role, losses[step.role].read_and_reset(), cfg, batches, accuracy,
-                                   window_images / (now - window_start))
-            run_dir.log(record)
+    kill_after = int(os.environ.get("FASTKD_TEST_KILL_AFTER_STEP", "0"))  # fault injection for the resume tests
+    guard = NonFiniteGuard(device)
+    with StopSignals() as stop:
+        for done, step in enumerate(plan[first:], first + 1):
+            epoch, position = divmod(step.batch, per_epoch)
+            if batch is None or (batch.epoch, batch.position) != (epoch, position):
+                batch = next(stream)
+            role = roles[step.role]
+            loss, terms, live_logits = _run_step(step, role, roles, fns, batch, live_logits, cfg)
+            losses[step.role].add(loss)
+            images += cfg.batch_size
+            window_images += cfg.batch_size
+            trace.write(step, per_epoch, batch.indices)
             if progress:
-                progress.note(done, _describe(record))
-            window_images, window_start = 0, time.perf_counter()  # evaluation time stays out of images/s
+                progress.update(done, f"{step.role} epoch {epoch}")
+            if (step.batch + 1) % per_epoch == 0:  # this role finished an epoch's last batch
+                now = time.perf_counter()
+                record = _epoch_record(step, role, losses[step.role].read_and_reset(), cfg, batches, accuracy,
+                                       window_images / (now - window_start))
+                run_dir.log(record)
+                if progress:
+                    progress.note(done, _describe(record))
+                window_images, window_start = 0, time.perf_counter()  # evaluation time stays out of images/s
+            guard.watch(loss, terms, done)
+            if done == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if _checkpoint_due(plan, done, per_epoch, save_every, forced=bool(stop.signum)):
+                guard.check(plan)  # never checkpoint weights that a non-finite loss has already touched
+                save_atomic(_snapshot(cfg, done, roles, losses, accuracy, images, run_dir, trace),
+                            run_dir.path / CHECKPOINT)
+                if stop.signum:
+                    raise Interrupted(stop.signum, done, run_dir.path)
     if progress:
         progress.close()
     wall = time.perf_counter() - start
@@ -226,27 +252,119 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
     return summary
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run saved a checkpoint at the next step boundary and stops."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved, continue "
+                         f"with --resume {run_dir}")
+        self.signum = signum
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a request that the loop honours at the next step boundary."""
+
+    def __enter__(self):
+        self.signum = 0
+        self._previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _request(self, signum, _frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class NonFiniteGuard:
+    """Remembers on the device the first step whose loss was not finite: no host sync per step."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.terms = torch.zeros(MAX_TERMS, device=device)
+
+    def watch(self, loss: torch.Tensor, terms: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, step, self.first_bad)
+        self.terms = torch.where(bad, terms, self.terms)
+
+    def check(self, plan: list[Step]) -> None:
+        step = int(self.first_bad)  # one host read, at checkpoint time
+        if step < 0:
+            return
+        s = plan[step - 1]
+        finite = torch.isfinite(self.terms).tolist()
+        culprit = next((name for name, ok in zip(TERM_NAMES[s.kind], finite) if not ok), "the total")
+        raise ValueError(f"non-finite training loss at step {step} ({s.role} {s.kind} step on batch {s.batch}): "
+                         f"{culprit} went non-finite; stopped, the last good checkpoint is kept")
+
+
+def _checkpoint_due(plan: list[Step], done: int, per_epoch: int, save_every: Optional[int], forced: bool) -> bool:
+    """At every epoch end and replay boundary (the role changes), every `save_every` steps, when `forced` (a stop
+    signal), and at the end; never between an online teacher step and the student step that uses its logits."""
+    if done == len(plan):
+        return True
+    step, following = plan[done - 1], plan[done]
+    if following.kind == "distill_live":
+        return False
+    return (forced or (step.batch + 1) % per_epoch == 0 or following.role != step.role
+            or bool(save_every and done % save_every == 0))
+
+
+def _snapshot(cfg, done, roles, losses, accuracy, images, run_dir, trace) -> dict:
+    """Everything needed to continue exactly: tensors, numbers and strings only (loadable with weights_only)."""
+    nets = {role.name: role for role in roles.values()}  # self methods: one network under two roles
+    return {"config": cfg.to_dict(), "done": done, "images": images, "accuracy": accuracy,
+            "roles": {name: {"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
+                             "steps_done": r.steps_done} for name, r in nets.items()},
+            "losses": {name: [float(m.total), m.count] for name, m in losses.items()},
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "metrics_bytes": run_dir.metrics.tell(),
+            "trace_bytes": trace.file.tell() if trace.file else None}
+
+
+def _restore(state: dict, roles: dict, losses: dict) -> tuple[int, int, dict]:
+    for role in {role.name: role for role in roles.values()}.values():
+        saved = state["roles"][role.name]
+        role.model.load_state_dict(saved["model"])
+        device_lrs = [group["lr"] for group in role.optimizer.param_groups]
+        role.optimizer.load_state_dict(saved["optimizer"])
+        for group, lr in zip(role.optimizer.param_groups, device_lrs):
+            group["lr"] = lr.fill_(float(group["lr"]))  # keep the lr in its device tensor
+        role.steps_done = saved["steps_done"]
+    for name, (total, count) in state["losses"].items():
+        losses[name].total.fill_(total)
+        losses[name].count = count
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"]:
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["done"], state["images"], state["accuracy"]
+
+
 def _run_step(step: Step, role: Role, roles: dict, fns: StepFunctions, batch, live_logits, cfg: Config):
-    """One optimizer step of `role` on `batch`; returns (loss, the logits of a teacher CE step or None)."""
+    """One optimizer step of `role` on `batch`; returns (loss, per-term values, a CE step's logits or None).
+
+    Outputs are copied out of the step's (CUDA-graph) memory before another step can overwrite them.
+    """
     set_lr(role.optimizer, lr_at(cfg.lr_schedule, cfg.lr, role.steps_done, role.total_steps))
     role.steps_done += 1
     model, opt, x, y = role.model, role.optimizer, batch.x, batch.y
     if step.kind == "ce":
-        loss, logits = fns("ce", model, opt, x, y)
-        # Copied out of the step's (CUDA-graph) output memory before another step can overwrite it.
-        return loss.clone(), logits.clone()
+        loss, terms, logits = fns("ce", model, opt, x, y)
+        return loss.clone(), terms.clone(), logits.clone()
     if step.kind == "distill_live":  # online: the logits of the teacher's own forward on this batch
-        return fns("distill_live", model, opt, x, y, live_logits).clone(), None
-    if step.kind == "distill":
+        loss, terms = fns("distill_live", model, opt, x, y, live_logits)
+    elif step.kind == "distill":
         teacher = roles["teacher"].model
         # Default: eval mode, BatchNorm running statistics untouched. Official quirk: train mode during replay.
         teacher.train(cfg.teacher_train_mode_replay)
-        loss = fns("distill", model, teacher, opt, x, y)
+        loss, terms = fns("distill", model, teacher, opt, x, y)
         teacher.train(True)
-        return loss.clone(), None
-    return fns(step.kind, model, opt, x, y).clone(), None  # advance, self_distill
-
-
+    else:  # advance, self_distill
+        loss, terms = fns(step.kind, model, opt, x, y)
+    return loss.clone(), terms.clone(), None
 
 
 def _epoch_record(step: Step, role: Role, train_loss: float, cfg: Config, batches, accuracy: dict,

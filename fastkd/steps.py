@@ -36,47 +36,73 @@ def soft_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, cfg: Lo
     return kd_loss(student_logits, teacher_logits, y, temperature=cfg.temperature, alpha=cfg.alpha)
 
 
+# What each step reports besides its loss, in order: a non-finite value names the culprit when a loss goes bad.
+TERM_NAMES = {
+    "ce": ("logits", "cross-entropy"),
+    "distill_live": ("student logits", "teacher logits", "KD loss (α·T²·KL + (1−α)·CE)"),
+    "distill": ("student logits", "teacher logits", "KD loss (α·T²·KL + (1−α)·CE)"),
+    "advance": ("deepest-head logits", "deepest-head cross-entropy"),
+    "self_distill": ("head logits", "deepest-head cross-entropy", "shallow-head KD losses", "feature loss"),
+}
+MAX_TERMS = 4
+
+
+def _terms(*values: Tensor) -> Tensor:
+    """Detached per-term values padded to MAX_TERMS, for the non-finite check (no host sync)."""
+    values = [v.detach().float().reshape(()) for v in values]
+    return torch.stack(values + [values[0].new_zeros(())] * (MAX_TERMS - len(values)))
+
+
+def _peak(logits: Tensor) -> Tensor:
+    return logits.detach().abs().amax()  # NaN and inf survive amax
+
+
 def _update(loss: Tensor, optimizer) -> Tensor:
     loss.backward()
     sgd_update(optimizer)
     return loss.detach()
 
 
-def ce_step(model: nn.Module, optimizer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def ce_step(model: nn.Module, optimizer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A cross-entropy step (the teacher advancing, or the baseline student); also returns the logits."""
     logits = model(x)
-    return _update(F.cross_entropy(logits, y), optimizer), logits.detach()
+    loss = F.cross_entropy(logits, y)
+    return _update(loss, optimizer), _terms(_peak(logits), loss), logits.detach()
 
 
 def distill_step(student: nn.Module, optimizer, x: Tensor, y: Tensor, teacher_logits: Tensor,
-                 cfg: LossSettings) -> Tensor:
+                 cfg: LossSettings) -> tuple[Tensor, Tensor]:
     """The student distilling from given teacher logits (online KD: those of the teacher's own step)."""
-    return _update(soft_loss(student(x), teacher_logits, y, cfg), optimizer)
+    logits = student(x)
+    loss = soft_loss(logits, teacher_logits, y, cfg)
+    return _update(loss, optimizer), _terms(_peak(logits), _peak(teacher_logits), loss)
 
 
 def replay_step(student: nn.Module, teacher: nn.Module, optimizer, x: Tensor, y: Tensor,
-                cfg: LossSettings) -> Tensor:
+                cfg: LossSettings) -> tuple[Tensor, Tensor]:
     """The student replaying a batch, distilling from the teacher as it is now (its mode is set by the caller)."""
     with torch.no_grad():
         teacher_logits = teacher(x)
-    return _update(soft_loss(student(x), teacher_logits, y, cfg), optimizer)
+    return distill_step(student, optimizer, x, y, teacher_logits, cfg)
 
 
-def advance_step(net: nn.Module, optimizer, x: Tensor, y: Tensor) -> Tensor:
+def advance_step(net: nn.Module, optimizer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """The spaced-self advance: only the deepest head's cross-entropy trains."""
     logits, _ = net(x)
-    return _update(F.cross_entropy(logits[-1], y), optimizer)
+    loss = F.cross_entropy(logits[-1], y)
+    return _update(loss, optimizer), _terms(_peak(logits[-1]), loss)
 
 
-def self_distill_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, cfg: LossSettings) -> Tensor:
+def self_distill_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, cfg: LossSettings) -> tuple[Tensor, Tensor]:
     """CE(deepest) + Σ_shallow [α·kd(shallow, deepest detached) + (1−α)·CE] + β·Σ_shallow ‖adapter(f) − f_deep‖₂."""
     logits, features = net(x)
     deep_logits, deep_features = logits[-1].detach(), features[-1].detach()
-    loss = F.cross_entropy(logits[-1], y)
-    for shallow_logits, shallow_features, adapter in zip(logits[:-1], features[:-1], net.adapters):
-        loss = loss + soft_loss(shallow_logits, deep_logits, y, cfg)
-        loss = loss + cfg.beta * (adapter(shallow_features) - deep_features).norm(dim=1).mean()
-    return _update(loss, optimizer)
+    ce = F.cross_entropy(logits[-1], y)
+    kd = sum(soft_loss(shallow, deep_logits, y, cfg) for shallow in logits[:-1])
+    feature = cfg.beta * sum((adapter(f) - deep_features).norm(dim=1).mean()
+                             for f, adapter in zip(features[:-1], net.adapters))
+    terms = _terms(torch.stack([_peak(h) for h in logits]).amax(), ce, kd, feature)
+    return _update(ce + kd + feature, optimizer), terms
 
 
 STEPS = {"ce": ce_step, "distill_live": distill_step, "distill": replay_step, "advance": advance_step,

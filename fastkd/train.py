@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .checkpoint import load_checkpoint
+from .engine import Interrupted, train
 from .config import PRESETS, Config, validate
 from .data import DATASETS
 from .models import MODELS
@@ -61,36 +63,68 @@ def build_parser() -> argparse.ArgumentParser:
       help="official quirk: teacher BatchNorm in train mode while producing replay soft targets")
     a("--no-final-replay", action="store_true", default=None,
       help="official quirk: never replay the last partial interval")
+    a("--resume", default=None, metavar="DIR",
+      help="continue the run in DIR from its last checkpoint, with its saved configuration (flags given "
+           "explicitly must agree with it, except --epochs)")
+    a("--save-every", type=int, default=None, metavar="N",
+      help="also checkpoint every N steps (checkpoints are always written at epoch ends and replay boundaries)")
     a("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+RESUME_MAY_CHANGE = {"epochs"}
+
+
+def explicit_settings(argv) -> dict:
+    """The configuration keys set on the command line: the arguments parsed again with every default None."""
+    parser = build_parser()
+    parser.set_defaults(**{action.dest: None for action in parser._actions})
+    known = DEFAULTS.to_dict()
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k in known}
+
+
+def config_from_args(argv) -> Config:
     """Defaults, then the preset, then every flag given explicitly."""
     values = DEFAULTS.to_dict()
-    if args.preset:
-        values.update(PRESETS[args.preset], preset=args.preset)
-    explicit = {k: v for k, v in vars(args).items() if v is not None and k in values}
-    for key in ("kl_on_probabilities", "teacher_train_mode_replay", "no_final_replay"):
-        if getattr(args, key) is None:
-            explicit.pop(key, None)
+    explicit = explicit_settings(argv)
+    if explicit.get("preset"):
+        values.update(PRESETS[explicit["preset"]])
     values.update(explicit)
-    values["preset"] = args.preset
     return Config(**values).resolve_defaults()
 
 
+def resumed_config(argv, saved: dict) -> Config:
+    """The saved configuration; explicit flags must agree with it, except the few that may change on resume."""
+    explicit = explicit_settings(argv)
+    differing = sorted(k for k, v in explicit.items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
+    if differing:
+        raise ValueError(f"--resume: these settings differ from the saved run: {', '.join(differing)} "
+                         f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
+    return Config(**{**saved, **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE}})
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        cfg = config_from_args(args)
+        state = None
+        if args.resume:
+            state = load_checkpoint(Path(args.resume))
+            cfg, out = resumed_config(argv, state["config"]), Path(args.resume)
+        else:
+            cfg = config_from_args(argv)
+            out = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
         validate(cfg)
-        from .engine import train
+        if args.save_every is not None and args.save_every < 1:
+            raise ValueError(f"--save-every must be >= 1, got {args.save_every}")
 
-        out = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
-        summary = train(cfg, out, trace_path=args.trace, quiet=args.quiet)
+        summary = train(cfg, out, trace_path=args.trace, quiet=args.quiet, resume=state, save_every=args.save_every)
     except ValueError as e:
         print(f"fastkd.train: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"fastkd.train: {e}", file=sys.stderr)
+        return 128 + e.signum
     teacher = "n/a" if summary["teacher_top1"] is None else f"{summary['teacher_top1']:.2f}%"
     print(f"fastkd {cfg.method}: teacher top-1 {teacher} | student top-1 {summary['student_top1']:.2f}% | "
           f"wall {summary['wall_s']:.1f} s | {summary['images_per_s']:.0f} images/s | {out}")

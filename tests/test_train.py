@@ -100,12 +100,12 @@ def test_every_method_beats_chance_on_the_embedded_digits(tmp_path, method, caps
 
 
 def test_official_preset_sets_its_values_and_an_explicit_flag_wins():
-    from fastkd.train import build_parser, config_from_args
+    from fastkd.train import config_from_args
 
-    cfg = config_from_args(build_parser().parse_args(["--preset", "official", "--epochs", "3"]))
+    cfg = config_from_args(["--preset", "official", "--epochs", "3"])
     assert (cfg.lr, cfg.lr_schedule, cfg.epochs) == (0.01, "constant", 3)
     assert cfg.kl_on_probabilities and cfg.teacher_train_mode_replay and cfg.no_final_replay
-    plain = config_from_args(build_parser().parse_args([]))
+    plain = config_from_args([])
     assert plain == Config().resolve_defaults()
     assert not (plain.kl_on_probabilities or plain.teacher_train_mode_replay or plain.no_final_replay)
 
