@@ -117,7 +117,6 @@ def main(argv=None) -> int:
         validate(cfg)
         if args.save_every is not None and args.save_every < 1:
             raise ValueError(f"--save-every must be >= 1, got {args.save_every}")
-
         summary = train(cfg, out, trace_path=args.trace, quiet=args.quiet, resume=state, save_every=args.save_every)
     except ValueError as e:
         print(f"fastkd.train: error: {e}", file=sys.stderr)
