@@ -138,9 +138,7 @@ class RunDirectory:
         self.metrics.flush()
 
     def save_model(self, name: str, model: nn.Module) -> None:
-        tmp = self.path / f".{name}.pt.tmp"
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(self.path / f"{name}.pt")
+        save_atomic(model.state_dict(), self.path / f"{name}.pt")
 
     def close(self) -> None:
         self.metrics.close()

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--teacher", default=None,
       help=f"teacher model: {', '.join(MODELS)} (default: resnet20 on digits, tiny on synthetic, else resnet18)")
     a("--student", default=None,
-      help=f"student model (the multi-exit network for self methods); same choices and defaults as --teacher")
+      help="student model (the multi-exit network for self methods); same choices and defaults as --teacher")
     a("--dataset", default=DEFAULTS.dataset, help=f"dataset: {', '.join(DATASETS)}")
     a("--data-dir", default=None,
       help="dataset folder: Tiny-ImageNet (wnids.txt, train/, val/), CIFAR-100 python pickles, or ImageFolder "

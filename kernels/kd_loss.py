@@ -218,7 +218,7 @@ def _reduce(rows: Tensor, target: Optional[Tensor], ignore_index: int, reduction
     return total / counted.clamp(min=1)
 
 
-def _validate(s, t, target, temperature, alpha, ignore_index, reduction, backend):
+def _validate(s, t, target, temperature, alpha, ignore_index, reduction, backend, check_target=True):
     if not isinstance(s, Tensor) or s.dim() != 2:
         raise ValueError(f"student_logits must be a 2-D (N, C) tensor, got shape {tuple(getattr(s, 'shape', ()))}")
     if not isinstance(t, Tensor) or t.shape != s.shape:
@@ -248,7 +248,8 @@ def _validate(s, t, target, temperature, alpha, ignore_index, reduction, backend
             raise ValueError(f"target must be an integer tensor, got {target.dtype}")
         if target.device != s.device:
             raise ValueError(f"target is on {target.device} but student_logits is on {s.device}")
-        _check_target_values(target, s.shape[1], ignore_index)
+        if check_target:
+            _check_target_values(target, s.shape[1], ignore_index)
 
 
 def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -275,14 +276,17 @@ def _use_triton(s: Tensor, backend: str) -> bool:
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
             temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
-            backend: str = "auto") -> Tensor:
+            backend: str = "auto", check_target: bool = True) -> Tensor:
     """α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y) per row, reduced; float32 result.
 
     The gradient flows to `student_logits` only (in its dtype). Rows whose target is `ignore_index` contribute
     nothing and are not counted by "mean". backend: "auto" (Triton on CUDA, compiled CPU kernel on CPU),
     "triton" (the kernel everywhere; CPU tensors need TRITON_INTERPRET=1) or "torch" (plain autograd reference).
+    check_target=False skips the eager range check of target values (a host sync on CUDA) for callers whose labels
+    are already known to be valid; an out-of-range target then yields a NaN loss, as under torch.compile.
     """
-    _validate(student_logits, teacher_logits, target, temperature, alpha, ignore_index, reduction, backend)
+    _validate(student_logits, teacher_logits, target, temperature, alpha, ignore_index, reduction, backend,
+              check_target)
     temperature, alpha = float(temperature), float(alpha)
     if backend == "torch":
         return kd_loss_reference(student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,

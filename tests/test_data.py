@@ -35,7 +35,7 @@ def test_replayed_batches_equal_the_teachers_pixel_for_pixel(tiny_imagenet, load
     identities = plan_identities(batches.batches_per_epoch)  # I = 5, K = 3: replays start mid-epoch
     first = {}
     replays = 0
-    for identity, batch in zip(identities, batches.stream(identities)):
+    for identity, batch in zip(identities, batches.stream(identities), strict=True):
         assert (batch.epoch, batch.position) == identity
         assert batch.x.shape == (16, 3, 64, 64) and batch.x.dtype == torch.float32
         if identity in first:

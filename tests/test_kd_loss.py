@@ -249,7 +249,7 @@ def test_cpu_path_passes_gradcheck_in_float64():
     y = torch.tensor([2, IGNORE, 10])
     for reduction in ["mean", "none"]:
         assert torch.autograd.gradcheck(
-            lambda s: kd_loss(s, t, y, temperature=2.0, alpha=0.4, reduction=reduction, backend="auto"), (s,))
+            lambda s, r=reduction: kd_loss(s, t, y, temperature=2.0, alpha=0.4, reduction=r, backend="auto"), (s,))
 
 
 def _bad_calls():
@@ -287,6 +287,13 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
     monkeypatch.setattr(tk, "INTERPRETED", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         kd_loss(torch.randn(2, 3), torch.randn(2, 3), backend="triton")
+
+
+def test_unchecked_out_of_range_target_poisons_the_loss(monkeypatch):
+    s, t = logits(3, 5, torch.float32), logits(3, 5, torch.float32)
+    y = torch.tensor([0, 9, 1], device=DEVICE)
+    for backend in ["triton", "auto"]:
+        assert torch.isnan(kd_loss(s, t, y, backend=backend, check_target=False))
 
 
 def test_out_of_range_target_poisons_the_loss_when_validation_is_skipped(monkeypatch):

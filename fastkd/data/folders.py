@@ -135,9 +135,10 @@ def load_cifar100(root: Path) -> TensorDataset:
                          torch.tensor(record[b"fine_labels"], dtype=torch.int64))
     names = _unpickle(folder / "meta").get(b"fine_label_names", [])
     num_classes = len(names)
-    if num_classes == 0 or int(arrays["train"][1].max()) >= num_classes:
-        raise ValueError(f"CIFAR-100 layout: {folder / 'meta'} names {num_classes} classes, but the labels go up "
-                         f"to {int(arrays['train'][1].max())}")
+    for split, (_, labels) in arrays.items():
+        if num_classes == 0 or int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise ValueError(f"CIFAR-100 layout: {folder / 'meta'} names {num_classes} classes, but the labels of "
+                             f"{folder / split} span [{int(labels.min())}, {int(labels.max())}]")
     mean = torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
     (train_x, train_y), (test_x, test_y) = arrays["train"], arrays["test"]

@@ -1,4 +1,4 @@
-"""Batch sources over image files: a DALI pipeline (GPU or CPU) and a torchvision DataLoader, same semantics.
+"""Batch sources over image files: a DALI pipeline (GPU or CPU) and a torch DataLoader, same semantics.
 
 Both serve `stream(identities)`: the batches of a list of (epoch, position) identities, in that order, which the
 engine derives from its schedule. A replayed batch is regenerated, never stored:
