@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Fast Spaced Knowledge Distillation: fused Triton KD loss, compiled steps, DALI data pipelines",
     python_requires=">=3.10",
-    packages=["fastkd", "fastkd.data", "fastkd.models", "fastkd.kernels"],
+    packages=["fastkd", "fastkd.analysis", "fastkd.data", "fastkd.models", "fastkd.kernels"],
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
     # Lower bounds only: a GPU machine that already has torch >= 2.11 and triton >= 3.6 keeps them.
     install_requires=[

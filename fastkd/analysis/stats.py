@@ -1,0 +1,59 @@
+"""Summaries over seeds: mean ± std and paired differences with a Student-t 95% confidence interval."""
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (std is NaN for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, std
+
+
+def _t_cdf(x: float, df: int) -> float:
+    """P(T <= x) for x >= 0, by Simpson's rule on the density (smooth, so 2,000 panels give ~1e-10)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    n = 2000
+    h = x / n
+    total = sum((1 if i in (0, n) else 4 if i % 2 else 2) * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2)
+                for i in range(n + 1))
+    return 0.5 + c * total * h / 3
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom, by bisection on its CDF."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"need 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+@dataclass
+class PairedDifference:
+    mean: float  # mean of (a − b) over the paired seeds
+    low: float  # 95% confidence interval of that mean
+    high: float
+    n: int
+    wins: int  # seeds where a > b
+    losses: int  # seeds where a < b
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedDifference:
+    """a − b paired by seed (same seed: same initialisation, data subset and batch order)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"need two equally long lists of at least 2 paired values, got {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean, std = mean_std(diffs)
+    half = t_quantile(0.5 + confidence / 2, len(diffs) - 1) * std / math.sqrt(len(diffs))
+    return PairedDifference(mean, mean - half, mean + half, len(diffs),
+                            sum(d > 0 for d in diffs), sum(d < 0 for d in diffs))
