@@ -6,6 +6,7 @@ with other settings. It writes results.md, results.json, curves.png and flatness
 """
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -177,7 +178,7 @@ def analysis_settings(args) -> dict:
 
 
 def _fmt(mean: float, std: float, digits: int = 2) -> str:
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std == std else f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def aggregate(results: list[dict], methods: list[str]) -> dict:
@@ -218,8 +219,8 @@ def write_markdown(path: Path, agg: dict, command: str, configs: list[Config]) -
                 for k in ("student_top1", "teacher_top1", "hessian_trace", "sharpness")}
         lines.append(f"| {m} | {len(e['seeds'])} | {cell['student_top1']} | {cell['teacher_top1']} | "
                      f"{cell['hessian_trace']} | {cell['sharpness']} |")
-    lines += ["", "Mean ± std over seeds. Hessian trace: Hutchinson estimate of tr(∇²L) of the final student's "
-              "training loss; sharpness: mean loss increase under random relative weight perturbations.", ""]
+    lines += ["", ("Mean ± std over seeds. Hessian trace: Hutchinson estimate of tr(∇²L) of the final student's "
+                   "training loss; sharpness: mean loss increase under random relative weight perturbations."), ""]
     if agg["paired"]:
         lines += ["Paired by seed (same initialisation, data subset and batch order), 95% t-interval:", "",
                   "| difference | student top-1 (points) | 95% CI | a better / worse | Hessian trace | 95% CI |",
@@ -240,14 +241,14 @@ def write_plots(out: Path, results: list[dict], methods: list[str]) -> None:
             continue
         epochs = [e for e, _ in runs[0]["curve"]]
         stats = [mean_std([r["curve"][i][1] for r in runs]) for i in range(len(epochs))]
-        curves.append(Line(m, epochs, [s[0] for s in stats], [s[1] if s[1] == s[1] else 0.0 for s in stats]))
+        curves.append(Line(m, epochs, [s[0] for s in stats], [0.0 if math.isnan(s[1]) else s[1] for s in stats]))
         steps = runs[0]["profile"]["steps"]
         profiles.append(Line(m, steps, [mean_std([r["profile"]["losses"][i] for r in runs])[0]
                                         for i in range(len(steps))]))
         for key, (values, errors) in bars.items():
             mean, std = mean_std([r[key]["mean"] for r in runs])
             values.append(mean)
-            errors.append(std if std == std else 0.0)
+            errors.append(0.0 if math.isnan(std) else std)
     labels = [m for m in methods if any(r["method"] == m for r in results)]
     save_figure(out / "curves.png", [LineChart("Student test top-1 (mean ± std over seeds)", "student epoch",
                                                "top-1 (%)", curves)])

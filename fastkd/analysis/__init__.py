@@ -3,5 +3,5 @@ from .flatness import (Estimate, hutchinson_trace, loss_profile, random_directio
                        training_loss)
 from .stats import PairedDifference, mean_std, paired_difference, t_quantile
 
-__all__ = ["Estimate", "hutchinson_trace", "loss_profile", "random_direction", "save_profile", "sharpness",
-           "training_loss", "PairedDifference", "mean_std", "paired_difference", "t_quantile"]
+__all__ = ["Estimate", "PairedDifference", "hutchinson_trace", "loss_profile", "mean_std", "paired_difference",
+           "random_direction", "save_profile", "sharpness", "t_quantile", "training_loss"]

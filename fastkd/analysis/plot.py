@@ -52,7 +52,7 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     first = math.floor(lo / step) * step
-    ticks = [first + i * step for i in range(int(math.ceil((hi - first) / step)) + 1)]
+    ticks = [first + i * step for i in range(math.ceil((hi - first) / step) + 1)]
     return [round(t, 12) for t in ticks]
 
 
