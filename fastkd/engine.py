@@ -18,7 +18,10 @@ from torch import nn
 from .checkpoint import CHECKPOINT, save_atomic
 from .config import Config
 from .data import make_batches
+from .distributed import (World, all_sum, any_rank, broadcast_module, fingerprint, gather_batch, gather_objects,
+                          join, leave, sync_buffers, wrap)
 from .models import build_model
+from .models.zoo import MultiExitNet
 from .optim import init_momentum, lr_at, make_sgd, set_lr
 from .progress import Progress
 from .schedule import SELF_METHODS, Step, steps
@@ -27,11 +30,15 @@ from .steps import MAX_TERMS, TERM_NAMES, LossSettings, StepFunctions
 
 @dataclass
 class Role:
-    """A network that trains: its model, its optimizer, and where it stands in its own lr schedule."""
+    """A network that trains: its model, its optimizer, and where it stands in its own lr schedule.
+
+    `stepper` is what its steps call: the model itself, or its DistributedDataParallel wrapper.
+    """
     name: str
     model: nn.Module
     optimizer: torch.optim.SGD
     total_steps: int
+    stepper: nn.Module
     steps_done: int = 0
 
 
@@ -45,29 +52,33 @@ class RunningMean:
         self.total += loss
         self.count += 1
 
-    def read_and_reset(self) -> float:
-        mean = float(self.total) / max(1, self.count)
+    def read_and_reset(self, world: World) -> float:
+        """The mean over this role's steps since the last read, and over the ranks."""
+        mean = float(all_sum(self.total.clone(), world)) / world.size / max(1, self.count)
         self.total.zero_()
         self.count = 0
         return mean
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    return World().device(name)
 
 
-def _make_role(name, model, cfg: Config, total_steps: int, device) -> Role:
+def _make_role(name, model, cfg: Config, total_steps: int, device, world: World) -> Role:
     model = model.to(device)
     optimizer = make_sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     init_momentum(optimizer)
-    return Role(name, model, optimizer, total_steps)
+    if world.launched and cfg.compile:
+        # A compiled step averages its own gradients in its graph (see fastkd.distributed); no DDP hooks.
+        broadcast_module(model, world)
+        optimizer.average_over_ranks = True
+        stepper = model
+    else:
+        stepper = wrap(model, world, device, find_unused=cfg.method in SELF_METHODS)
+    return Role(name, model, optimizer, total_steps, stepper)
 
 
-def build_roles(cfg: Config, info, device, plan: list[Step]) -> dict[str, Role]:
+def build_roles(cfg: Config, info, device, plan: list[Step], world: World = World()) -> dict[str, Role]:
     """Teacher and student for two-network methods, the student alone for baseline, one net for self methods.
 
     Models are initialised in a fixed order from the run seed, so the same seed gives the same weights. Each lr
@@ -77,46 +88,56 @@ def build_roles(cfg: Config, info, device, plan: list[Step]) -> dict[str, Role]:
     if cfg.method in SELF_METHODS:
         net = build_model(cfg.student, info, multi_exit=True)
         # Both roles of a self method are the same network, with one optimizer and one schedule over all steps.
-        shared = _make_role("self", net, cfg, len(plan), device)
+        shared = _make_role("self", net, cfg, len(plan), device, world)
         return {"self": shared, "teacher": shared}
     counts = Counter(step.role for step in plan)
     roles = {}
     if cfg.method != "baseline":
-        roles["teacher"] = _make_role("teacher", build_model(cfg.teacher, info), cfg, counts["teacher"], device)
-    roles["student"] = _make_role("student", build_model(cfg.student, info), cfg, counts["student"], device)
+        roles["teacher"] = _make_role("teacher", build_model(cfg.teacher, info), cfg, counts["teacher"], device,
+                                      world)
+    roles["student"] = _make_role("student", build_model(cfg.student, info), cfg, counts["student"], device, world)
     return roles
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, batch_size: int) -> dict:
-    """Top-1 and top-5 (%) on every test sample; for a multi-exit net, the deepest head plus every head's top-1."""
+def evaluate(model: nn.Module, batches, batch_size: int, world: World = World()) -> dict:
+    """Top-1 and top-5 (%) on every test sample; for a multi-exit net, the deepest head plus every head's top-1.
+
+    Under data parallelism each rank evaluates every size-th test batch with rank 0's BatchNorm statistics, and the
+    counts are summed over the ranks.
+    """
+    sync_buffers(model, world)
     was_training = model.training
     model.eval()
-    correct1 = correct5 = total = 0
-    heads_correct = None
-    for x, y in batches.test_batches(batch_size):
+    heads = len(model.heads) if isinstance(model, MultiExitNet) else 0
+    # correct top-1, correct top-5, samples, then each head's correct top-1
+    counts = torch.zeros(3 + heads, dtype=torch.int64, device=next(model.parameters()).device)
+    for i, (x, y) in enumerate(batches.test_batches(batch_size)):
+        if i % world.size != world.rank:
+            continue
         out = model(x)
-        logits = out[0][-1] if isinstance(out, tuple) else out
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == y).sum()
-        correct5 += (top == y[:, None]).any(dim=1).sum()
-        if isinstance(out, tuple):
-            per_head = torch.stack([(h.argmax(1) == y).sum() for h in out[0]])
-            heads_correct = per_head if heads_correct is None else heads_correct + per_head
-        total += len(y)
+        logits = out[0][-1] if heads else out
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        counts[0] += (top[:, 0] == y).sum()
+        counts[1] += (top == y[:, None]).any(dim=1).sum()
+        counts[2] += len(y)
+        if heads:
+            counts[3:] += torch.stack([(h.argmax(1) == y).sum() for h in out[0]])
     model.train(was_training)
-    result = {"top1": 100.0 * float(correct1) / total, "top5": 100.0 * float(correct5) / total}
-    if heads_correct is not None:
-        result["heads_top1"] = [round(100.0 * float(c) / total, 2) for c in heads_correct]
+    correct1, correct5, total, *heads_correct = all_sum(counts, world).tolist()
+    result = {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
+    if heads:
+        result["heads_top1"] = [round(100.0 * c / total, 2) for c in heads_correct]
     return result
 
 
 class RunDirectory:
-    """--out: config.json, metrics.jsonl and the final state dicts."""
+    """--out: config.json, metrics.jsonl and the final state dicts; written by rank 0 alone (`writer`)."""
 
-    def __init__(self, path: Path, truncate_metrics_to: Optional[int] = None):
-        self.path = path
+    def __init__(self, path: Path, truncate_metrics_to: Optional[int] = None, writer: bool = True):
+        self.path, self.writer, self.metrics = path, writer, None
+        if not writer:
+            return
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".write-test"
@@ -130,18 +151,24 @@ class RunDirectory:
             self.metrics.seek(0, os.SEEK_END)
 
     def write_config(self, cfg: Config, info) -> None:
+        if not self.writer:
+            return
         record = {**cfg.to_dict(), "dataset_info": info.to_dict()}
         (self.path / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def log(self, record: dict) -> None:
+        if not self.writer:
+            return
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
 
     def save_model(self, name: str, model: nn.Module) -> None:
-        save_atomic(model.state_dict(), self.path / f"{name}.pt")
+        if self.writer:
+            save_atomic(model.state_dict(), self.path / f"{name}.pt")
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.writer:
+            self.metrics.close()
 
 
 class Trace:
@@ -169,21 +196,32 @@ class Trace:
 
 def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: bool = False,
           resume: Optional[dict] = None, save_every: Optional[int] = None) -> dict:
-    device = resolve_device(cfg.device)
+    """Run `cfg` into `out_dir`; under torchrun, as one data-parallel rank of the run."""
+    world, device = join(cfg.device)
+    try:
+        return _train(cfg, world, device, out_dir, trace_path, quiet, resume, save_every)
+    finally:
+        leave(world)
+
+
+def _train(cfg: Config, world: World, device: torch.device, out_dir: Path, trace_path: Optional[str], quiet: bool,
+           resume: Optional[dict], save_every: Optional[int]) -> dict:
+    # Each rank draws its contiguous share of every global batch of cfg.batch_size samples.
     batches = make_batches(cfg.dataset, cfg.data_dir, cfg.loader, cfg.batch_size, cfg.seed, device,
-                           cfg.train_subset)
+                           cfg.train_subset, shard_id=world.rank, num_shards=world.size)
     info = batches.info
     per_epoch = batches.batches_per_epoch
     plan = list(steps(cfg.method, cfg.epochs, per_epoch, cfg.resolved_interval(),
                       replay_leftover=not cfg.no_final_replay))
-    run_dir = RunDirectory(out_dir, truncate_metrics_to=resume["metrics_bytes"] if resume else None)
+    run_dir = RunDirectory(out_dir, truncate_metrics_to=resume["metrics_bytes"] if resume else None,
+                           writer=world.is_main)
     run_dir.write_config(cfg, info)
-    trace = Trace(trace_path, truncate_to=resume.get("trace_bytes") if resume else None)
+    trace = Trace(trace_path if world.is_main else None, truncate_to=resume.get("trace_bytes") if resume else None)
 
-    roles = build_roles(cfg, info, device, plan)
+    roles = build_roles(cfg, info, device, plan, world)
     fns = StepFunctions(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities), cfg.compile,
                         device)
-    if cfg.compile:
+    if cfg.compile and world.is_main:
         print("fastkd: --compile: each step compiled whole with inductor; "
               + ("captured in CUDA graphs." if fns.cuda_graphs else "CUDA graphs skipped (not on a CUDA device)."))
 
@@ -191,7 +229,7 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
     accuracy, images, first = {}, 0, 0
     if resume:
         first, images, accuracy = _restore(resume, roles, losses)
-    progress = Progress(len(plan)) if not quiet else None
+    progress = Progress(len(plan)) if not quiet and world.is_main else None
     window_images, start = 0, time.perf_counter()
     window_start = start
     # Every batch is (re)generated from its identity, in plan order; consecutive steps on one batch (online KD)
@@ -212,13 +250,14 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
             losses[step.role].add(loss)
             images += cfg.batch_size
             window_images += cfg.batch_size
-            trace.write(step, per_epoch, batch.indices)
+            if trace_path:  # the global batch: every rank's share, gathered (a collective, so on every rank)
+                trace.write(step, per_epoch, gather_batch(batch.indices, world))
             if progress:
                 progress.update(done, f"{step.role} epoch {epoch}")
             if (step.batch + 1) % per_epoch == 0:  # this role finished an epoch's last batch
                 now = time.perf_counter()
-                record = _epoch_record(step, role, losses[step.role].read_and_reset(), cfg, batches, accuracy,
-                                       window_images / (now - window_start))
+                record = _epoch_record(step, role, losses[step.role].read_and_reset(world), cfg, batches, accuracy,
+                                       window_images / (now - window_start), world)
                 run_dir.log(record)
                 if progress:
                     progress.note(done, _describe(record))
@@ -226,27 +265,40 @@ def train(cfg: Config, out_dir: Path, trace_path: Optional[str] = None, quiet: b
             guard.watch(loss, terms, done)
             if done == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-            if _checkpoint_due(plan, done, per_epoch, save_every, forced=bool(stop.signum)):
-                guard.check(plan)  # never checkpoint weights that a non-finite loss has already touched
-                save_atomic(_snapshot(cfg, done, roles, losses, accuracy, images, run_dir, trace),
-                            run_dir.path / CHECKPOINT)
-                if stop.signum:
-                    raise Interrupted(stop.signum, done, run_dir.path)
+            # A signal stops a single process at the next step; the ranks of a data-parallel run agree on it at the
+            # next regular checkpoint (epoch end, replay boundary, --save-every), where they meet anyway.
+            if _checkpoint_due(plan, done, per_epoch, save_every, forced=bool(stop.signum) and not world.launched):
+                stop_signum = any_rank(stop.signum, world)
+                guard.check(plan, world)  # never checkpoint weights that a non-finite loss has already touched
+                # Every rank takes rank 0's BatchNorm statistics here, at each epoch end and replay boundary: the
+                # teacher's replay targets are then the same on all ranks, and a resumed run continues exactly.
+                for role in roles.values():
+                    sync_buffers(role.model, world)
+                snapshot = _snapshot(cfg, done, roles, losses, accuracy, images, run_dir, trace, world)
+                if world.is_main:
+                    save_atomic(snapshot, run_dir.path / CHECKPOINT)
+                if stop_signum:
+                    raise Interrupted(stop_signum, done, run_dir.path)
     if progress:
         progress.close()
     wall = time.perf_counter() - start
     trace.close()
 
-    final = _final_accuracies(cfg, roles, batches)
-    if cfg.method in SELF_METHODS:
-        run_dir.save_model("student", roles["self"].model)
-    else:
-        for name, role in roles.items():
-            run_dir.save_model(name, role.model)
+    final = _final_accuracies(cfg, roles, batches, world)
+    nets = {"student": roles["self"].model} if cfg.method in SELF_METHODS else {n: r.model for n, r in roles.items()}
+    for name, model in nets.items():
+        run_dir.save_model(name, model)
     summary = {**final, "wall_s": round(wall, 2), "images_per_s": round(images / wall, 1),
                "steps": len(plan)}
+    if world.launched:
+        summary["ranks"] = world.size
+        summary["rank_fingerprints"] = {name: gather_objects(fingerprint(model), world) for name, model in nets.items()}
     run_dir.log({"summary": summary})
     run_dir.close()
+    diverged = [name for name, prints in summary.get("rank_fingerprints", {}).items() if len(set(prints)) > 1]
+    if diverged:
+        raise ValueError(f"the data-parallel ranks ended with different weights for {', '.join(diverged)} "
+                         f"(fingerprints in {run_dir.path / 'metrics.jsonl'}): a fastkd bug, please report it")
     return summary
 
 
@@ -287,15 +339,21 @@ class NonFiniteGuard:
         self.first_bad = torch.where(bad, step, self.first_bad)
         self.terms = torch.where(bad, terms, self.terms)
 
-    def check(self, plan: list[Step]) -> None:
+    def check(self, plan: list[Step], world: World = World()) -> None:
+        """Raise, on every rank, if any rank saw a non-finite loss: naming the step, the term and the rank."""
         step = int(self.first_bad)  # one host read, at checkpoint time
-        if step < 0:
-            return
-        s = plan[step - 1]
-        finite = torch.isfinite(self.terms).tolist()
-        culprit = next((name for name, ok in zip(TERM_NAMES[s.kind], finite) if not ok), "the total")
-        raise ValueError(f"non-finite training loss at step {step} ({s.role} {s.kind} step on batch {s.batch}): "
-                         f"{culprit} went non-finite; stopped, the last good checkpoint is kept")
+        problem = None
+        if step >= 0:
+            s = plan[step - 1]
+            finite = torch.isfinite(self.terms).tolist()
+            culprit = next((name for name, ok in zip(TERM_NAMES[s.kind], finite) if not ok), "the total")
+            problem = (f"non-finite training loss at step {step} ({s.role} {s.kind} step on batch {s.batch}): "
+                       f"{culprit} went non-finite")
+        problems = [(rank, p) for rank, p in enumerate(gather_objects(problem, world)) if p]
+        if problems:
+            rank, problem = problems[0]
+            where = f" (rank {rank})" if world.launched else ""
+            raise ValueError(f"{problem}{where}; stopped, the last good checkpoint is kept")
 
 
 def _checkpoint_due(plan: list[Step], done: int, per_epoch: int, save_every: Optional[int], forced: bool) -> bool:
@@ -310,16 +368,21 @@ def _checkpoint_due(plan: list[Step], done: int, per_epoch: int, save_every: Opt
             or bool(save_every and done % save_every == 0))
 
 
-def _snapshot(cfg, done, roles, losses, accuracy, images, run_dir, trace) -> dict:
-    """Everything needed to continue exactly: tensors, numbers and strings only (loadable with weights_only)."""
+def _snapshot(cfg, done, roles, losses, accuracy, images, run_dir, trace, world: World) -> dict:
+    """Everything needed to continue exactly: tensors, numbers and strings only (loadable with weights_only).
+
+    Called on every rank (the running losses are averaged over the ranks); rank 0 saves it. Its weights and
+    optimizer state stand for every rank's, which are identical.
+    """
     nets = {role.name: role for role in roles.values()}  # self methods: one network under two roles
+    mean_totals = {name: float(all_sum(m.total.clone(), world)) / world.size for name, m in losses.items()}
     return {"config": cfg.to_dict(), "done": done, "images": images, "accuracy": accuracy,
             "roles": {name: {"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
                              "steps_done": r.steps_done} for name, r in nets.items()},
-            "losses": {name: [float(m.total), m.count] for name, m in losses.items()},
+            "losses": {name: [mean_totals[name], m.count] for name, m in losses.items()},
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "metrics_bytes": run_dir.metrics.tell(),
+            "metrics_bytes": run_dir.metrics.tell() if run_dir.metrics else None,
             "trace_bytes": trace.file.tell() if trace.file else None}
 
 
@@ -348,14 +411,14 @@ def _run_step(step: Step, role: Role, roles: dict, fns: StepFunctions, batch, li
     """
     set_lr(role.optimizer, lr_at(cfg.lr_schedule, cfg.lr, role.steps_done, role.total_steps))
     role.steps_done += 1
-    model, opt, x, y = role.model, role.optimizer, batch.x, batch.y
+    model, opt, x, y = role.stepper, role.optimizer, batch.x, batch.y
     if step.kind == "ce":
         loss, terms, logits = fns("ce", model, opt, x, y)
         return loss.clone(), terms.clone(), logits.clone()
     if step.kind == "distill_live":  # online: the logits of the teacher's own forward on this batch
         loss, terms = fns("distill_live", model, opt, x, y, live_logits)
     elif step.kind == "distill":
-        teacher = roles["teacher"].model
+        teacher = roles["teacher"].model  # a no-grad forward: never through DDP
         # Default: eval mode, BatchNorm running statistics untouched. Official quirk: train mode during replay.
         teacher.train(cfg.teacher_train_mode_replay)
         loss, terms = fns("distill", model, teacher, opt, x, y)
@@ -366,8 +429,8 @@ def _run_step(step: Step, role: Role, roles: dict, fns: StepFunctions, batch, li
 
 
 def _epoch_record(step: Step, role: Role, train_loss: float, cfg: Config, batches, accuracy: dict,
-                  images_per_s: float) -> dict:
-    accuracy[role.name] = evaluate(role.model, batches, cfg.eval_batch_size)
+                  images_per_s: float, world: World) -> dict:
+    accuracy[role.name] = evaluate(role.model, batches, cfg.eval_batch_size, world)
     record = {"role": step.role, "epoch": step.batch // batches.batches_per_epoch, "train_loss": round(train_loss, 5),
               "lr": float(role.optimizer.param_groups[0]["lr"]), "images_per_s": round(images_per_s, 1)}
     for name in ("teacher", "student", "self"):
@@ -379,15 +442,15 @@ def _epoch_record(step: Step, role: Role, train_loss: float, cfg: Config, batche
     return record
 
 
-def _final_accuracies(cfg: Config, roles: dict, batches) -> dict:
+def _final_accuracies(cfg: Config, roles: dict, batches, world: World) -> dict:
     if cfg.method in SELF_METHODS:
-        result = evaluate(roles["self"].model, batches, cfg.eval_batch_size)
+        result = evaluate(roles["self"].model, batches, cfg.eval_batch_size, world)
         return {"teacher_top1": None, "student_top1": round(result["top1"], 2),
                 "student_top5": round(result["top5"], 2), "heads_top1": result["heads_top1"]}
     out = {"teacher_top1": None}
     for name in ("teacher", "student"):
         if name in roles:
-            result = evaluate(roles[name].model, batches, cfg.eval_batch_size)
+            result = evaluate(roles[name].model, batches, cfg.eval_batch_size, world)
             out[f"{name}_top1"] = round(result["top1"], 2)
             out[f"{name}_top5"] = round(result["top5"], 2)
     return out

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fastkd.kernels.kd_loss import kd_loss
 
+from .distributed import average_gradients
 from .optim import sgd_update
 
 
@@ -61,6 +62,8 @@ def _peak(logits: Tensor) -> Tensor:
 
 def _update(loss: Tensor, optimizer) -> Tensor:
     loss.backward()
+    if getattr(optimizer, "average_over_ranks", False):  # compiled data-parallel: no DDP hooks, see distributed
+        average_gradients(optimizer)
     sgd_update(optimizer)
     return loss.detach()
 
@@ -96,13 +99,13 @@ def advance_step(net: nn.Module, optimizer, x: Tensor, y: Tensor) -> tuple[Tenso
 
 
 def self_distill_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, cfg: LossSettings) -> tuple[Tensor, Tensor]:
-    """CE(deepest) + Σ_shallow [α·kd(shallow, deepest detached) + (1−α)·CE] + β·Σ_shallow ‖adapter(f) − f_deep‖₂."""
+    """CE(deepest) + Σ_shallow [α·kd(shallow, deepest detached) + (1−α)·CE] + β·Σ_shallow ‖adapter(f) − f_deep‖₂
+    (the net's forward returns the shallow features already through their adapters)."""
     logits, features = net(x)
     deep_logits, deep_features = logits[-1].detach(), features[-1].detach()
     ce = F.cross_entropy(logits[-1], y)
     kd = sum(soft_loss(shallow, deep_logits, y, cfg) for shallow in logits[:-1])
-    feature = cfg.beta * sum((adapter(f) - deep_features).norm(dim=1).mean()
-                             for f, adapter in zip(features[:-1], net.adapters))
+    feature = cfg.beta * sum((adapted - deep_features).norm(dim=1).mean() for adapted in features[:-1])
     terms = _terms(torch.stack([_peak(h) for h in logits]).amax(), ce, kd, feature)
     return _update(ce + kd + feature, optimizer), terms
 

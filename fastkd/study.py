@@ -266,8 +266,9 @@ def main(argv=None) -> int:
         configs = run_configs(args)
         out = Path(args.out)
         (out / "runs").mkdir(parents=True, exist_ok=True)
-        start, results = time.perf_counter(), []
+        start, results, durations = time.perf_counter(), [], []
         for i, cfg in enumerate(configs, 1):
+            run_start = time.perf_counter()
             run_dir = out / "runs" / run_name(cfg)
             result_path = run_dir / RESULT
             result = json.loads(result_path.read_text()) if result_path.is_file() else None
@@ -278,11 +279,14 @@ def main(argv=None) -> int:
                 what = train_run(cfg, run_dir)
                 result = analyse_run(cfg, run_dir, args)
                 result_path.write_text(json.dumps(result) + "\n")
+                durations.append(time.perf_counter() - run_start)
             results.append(result)
             elapsed = time.perf_counter() - start
+            left = f", about {sum(durations) / len(durations) * (len(configs) - i) / 60:.0f} min left" \
+                if durations and i < len(configs) else ""
             print(f"[{i}/{len(configs)}] {run_name(cfg)}: {what}; student top-1 {result['student_top1']:.2f}%, "
                   f"Hessian trace {result['hessian_trace']['mean']:.1f} ± {result['hessian_trace']['stderr']:.1f}, "
-                  f"sharpness {result['sharpness']['mean']:.4f} | {elapsed / 60:.1f} min", flush=True)
+                  f"sharpness {result['sharpness']['mean']:.4f} | {elapsed / 60:.1f} min{left}", flush=True)
         methods = list(dict.fromkeys(cfg.method for cfg in configs))
         agg = aggregate(results, methods)
         (out / "results.json").write_text(json.dumps({"command": command, "aggregate": agg, "runs": results},

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
+from .distributed import rank_from_env
 from .engine import Interrupted, train
 from .config import PRESETS, Config, validate
 from .data import DATASETS
@@ -106,6 +107,7 @@ def resumed_config(argv, saved: dict) -> Config:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    main_rank = rank_from_env() == 0
     try:
         state = None
         if args.resume:
@@ -119,11 +121,15 @@ def main(argv=None) -> int:
             raise ValueError(f"--save-every must be >= 1, got {args.save_every}")
         summary = train(cfg, out, trace_path=args.trace, quiet=args.quiet, resume=state, save_every=args.save_every)
     except ValueError as e:
-        print(f"fastkd.train: error: {e}", file=sys.stderr)
+        if main_rank:  # under torchrun every rank meets the same error: rank 0 says it once
+            print(f"fastkd.train: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"fastkd.train: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"fastkd.train: {e}", file=sys.stderr)
         return 128 + e.signum
+    if not main_rank:
+        return 0
     teacher = "n/a" if summary["teacher_top1"] is None else f"{summary['teacher_top1']:.2f}%"
     print(f"fastkd {cfg.method}: teacher top-1 {teacher} | student top-1 {summary['student_top1']:.2f}% | "
           f"wall {summary['wall_s']:.1f} s | {summary['images_per_s']:.0f} images/s | {out}")

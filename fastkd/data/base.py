@@ -69,7 +69,7 @@ class BatchIdentities:
         if batch_size > len(self.pool):
             raise ValueError(f"--batch-size {batch_size} is larger than the {len(self.pool)} training samples")
         if batch_size % num_shards:
-            raise ValueError(f"--batch-size {batch_size} does not split evenly across {num_shards} shards")
+            raise ValueError(f"--batch-size {batch_size} does not split evenly across {num_shards} data-parallel ranks")
         self.batch_size, self.seed = batch_size, seed
         self.shard_id, self.num_shards = shard_id, num_shards
         self.batches_per_epoch = len(self.pool) // batch_size

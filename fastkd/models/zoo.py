@@ -87,11 +87,14 @@ class MultiExitNet(nn.Module):
         self.adapters = nn.ModuleList(nn.Linear(w, widths[-1]) for w in widths[:-1])
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Every head's logits, and the features the feature loss compares: each shallow stage's pooled features
+        through its adapter (at the deepest width), then the deepest stage's own. The adapters run here, inside
+        forward, so that DistributedDataParallel sees every parameter the loss uses."""
         logits, features = [], []
-        for stage, head in zip(self.stages, self.heads):
+        for i, (stage, head) in enumerate(zip(self.stages, self.heads)):
             x = stage(x)
             pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-            features.append(pooled)
+            features.append(self.adapters[i](pooled) if i < len(self.adapters) else pooled)
             logits.append(head(pooled))
         return logits, features
 
