@@ -52,6 +52,9 @@ class World:
         return torch.device(name)
 
 
+SINGLE_PROCESS = World()
+
+
 def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -59,7 +62,7 @@ def rank_from_env() -> int:
 def join(device_name: str) -> tuple[World, torch.device]:
     """This process's place in the run and its device; joins the process group when started by torchrun."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return World(), World().device(device_name)
+        return SINGLE_PROCESS, SINGLE_PROCESS.device(device_name)
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
                   launched=True)
     device = world.device(device_name)

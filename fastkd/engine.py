@@ -18,8 +18,8 @@ from torch import nn
 from .checkpoint import CHECKPOINT, save_atomic
 from .config import Config
 from .data import make_batches
-from .distributed import (World, all_sum, any_rank, broadcast_module, fingerprint, gather_batch, gather_objects,
-                          join, leave, sync_buffers, wrap)
+from .distributed import (SINGLE_PROCESS, World, all_sum, any_rank, broadcast_module, fingerprint, gather_batch,
+                          gather_objects, join, leave, sync_buffers, wrap)
 from .models import build_model
 from .models.zoo import MultiExitNet
 from .optim import init_momentum, lr_at, make_sgd, set_lr
@@ -61,7 +61,7 @@ class RunningMean:
 
 
 def resolve_device(name: str) -> torch.device:
-    return World().device(name)
+    return SINGLE_PROCESS.device(name)
 
 
 def _make_role(name, model, cfg: Config, total_steps: int, device, world: World) -> Role:
@@ -78,7 +78,7 @@ def _make_role(name, model, cfg: Config, total_steps: int, device, world: World)
     return Role(name, model, optimizer, total_steps, stepper)
 
 
-def build_roles(cfg: Config, info, device, plan: list[Step], world: World = World()) -> dict[str, Role]:
+def build_roles(cfg: Config, info, device, plan: list[Step], world: World = SINGLE_PROCESS) -> dict[str, Role]:
     """Teacher and student for two-network methods, the student alone for baseline, one net for self methods.
 
     Models are initialised in a fixed order from the run seed, so the same seed gives the same weights. Each lr
@@ -100,7 +100,7 @@ def build_roles(cfg: Config, info, device, plan: list[Step], world: World = Worl
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, batch_size: int, world: World = World()) -> dict:
+def evaluate(model: nn.Module, batches, batch_size: int, world: World = SINGLE_PROCESS) -> dict:
     """Top-1 and top-5 (%) on every test sample; for a multi-exit net, the deepest head plus every head's top-1.
 
     Under data parallelism each rank evaluates every size-th test batch with rank 0's BatchNorm statistics, and the
@@ -339,7 +339,7 @@ class NonFiniteGuard:
         self.first_bad = torch.where(bad, step, self.first_bad)
         self.terms = torch.where(bad, terms, self.terms)
 
-    def check(self, plan: list[Step], world: World = World()) -> None:
+    def check(self, plan: list[Step], world: World = SINGLE_PROCESS) -> None:
         """Raise, on every rank, if any rank saw a non-finite loss: naming the step, the term and the rank."""
         step = int(self.first_bad)  # one host read, at checkpoint time
         problem = None
