@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .analysis import hutchinson_trace, loss_profile, mean_std, paired_difference, random_direction, sharpness
+from .analysis import (hutchinson_trace, loss_profile, mean_std, paired_difference, random_direction, sharpness,
+                       training_loss)
 from .analysis.plot import BarChart, Line, LineChart, save_figure
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import Config, validate
@@ -28,6 +29,7 @@ DEFAULTS = Config()
 PAIRS = (("spaced", "online"), ("spaced-self", "self"), ("spaced", "baseline"), ("online", "baseline"))
 PROFILE_POINTS = 21
 RESULT = "result.json"
+RESULT_VERSION = 2  # a run's result.json of another version is analysed again (its training is kept)
 ANALYSIS_CHUNK = 256
 
 
@@ -166,7 +168,8 @@ def analyse_run(cfg: Config, run_dir: Path, args) -> dict:
     direction = random_direction(student, torch.Generator().manual_seed(cfg.seed))
     profile = loss_profile(student, batches, steps, direction=direction)
     summary = json.loads((run_dir / "metrics.jsonl").read_text().strip().splitlines()[-1])["summary"]
-    return {"method": cfg.method, "seed": cfg.seed, "student_top1": summary["student_top1"],
+    return {"version": RESULT_VERSION, "method": cfg.method, "seed": cfg.seed,
+            "student_top1": summary["student_top1"], "train_loss": training_loss(student, batches),
             "teacher_top1": summary["teacher_top1"], "wall_s": summary["wall_s"], "curve": _curve(run_dir),
             "hessian_trace": trace.to_dict(), "sharpness": sharp.to_dict(),
             "profile": {"steps": steps, "losses": profile}, "analysis": analysis_settings(args)}
@@ -188,6 +191,7 @@ def aggregate(results: list[dict], methods: list[str]) -> dict:
         entry = {"seeds": [r["seed"] for r in runs]}
         for key, value in (("student_top1", lambda r: r["student_top1"]),
                            ("teacher_top1", lambda r: r["teacher_top1"]),
+                           ("train_loss", lambda r: r["train_loss"]),
                            ("hessian_trace", lambda r: r["hessian_trace"]["mean"]),
                            ("sharpness", lambda r: r["sharpness"]["mean"])):
             values = [value(r) for r in runs]
@@ -212,15 +216,16 @@ def write_markdown(path: Path, agg: dict, command: str, configs: list[Config]) -
         f"Dataset {cfg.dataset}" + (f" ({cfg.train_subset} training samples per seed)" if cfg.train_subset else "")
         + f", {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} {cfg.lr_schedule}, teacher {cfg.teacher}, "
           f"student {cfg.student}, T={cfg.temperature}, α={cfg.alpha}, β={cfg.beta}.", "",
-        "| method | seeds | student top-1 (%) | teacher top-1 (%) | Hessian trace | sharpness |",
-        "| --- | --- | --- | --- | --- | --- |"]
+        "| method | seeds | student top-1 (%) | teacher top-1 (%) | train loss | Hessian trace | sharpness |",
+        "| --- | --- | --- | --- | --- | --- | --- |"]
     for m, e in agg["methods"].items():
-        cell = {k: _fmt(e[k]["mean"], e[k]["std"], 3 if k == "sharpness" else 2) if k in e else "–"
-                for k in ("student_top1", "teacher_top1", "hessian_trace", "sharpness")}
+        cell = {k: _fmt(e[k]["mean"], e[k]["std"], 3 if k in ("sharpness", "train_loss") else 2) if k in e else "–"
+                for k in ("student_top1", "teacher_top1", "train_loss", "hessian_trace", "sharpness")}
         lines.append(f"| {m} | {len(e['seeds'])} | {cell['student_top1']} | {cell['teacher_top1']} | "
-                     f"{cell['hessian_trace']} | {cell['sharpness']} |")
-    lines += ["", ("Mean ± std over seeds. Hessian trace: Hutchinson estimate of tr(∇²L) of the final student's "
-                   "training loss; sharpness: mean loss increase under random relative weight perturbations."), ""]
+                     f"{cell['train_loss']} | {cell['hessian_trace']} | {cell['sharpness']} |")
+    lines += ["", ("Mean ± std over seeds. Train loss: the final student's cross-entropy on the analysis samples "
+                   "(eval mode); Hessian trace: Hutchinson estimate of tr(∇²L) of that loss; sharpness: its mean "
+                   "increase under random relative weight perturbations."), ""]
     if agg["paired"]:
         lines += ["Paired by seed (same initialisation, data subset and batch order), 95% t-interval:", "",
                   "| difference | student top-1 (points) | 95% CI | a better / worse | Hessian trace | 95% CI |",
@@ -272,7 +277,8 @@ def main(argv=None) -> int:
             run_dir = out / "runs" / run_name(cfg)
             result_path = run_dir / RESULT
             result = json.loads(result_path.read_text()) if result_path.is_file() else None
-            if result is not None and result["analysis"] == analysis_settings(args):
+            if result is not None and result.get("version") == RESULT_VERSION \
+                    and result["analysis"] == analysis_settings(args):
                 _check_same(run_dir, json.loads((run_dir / "config.json").read_text()), cfg)
                 what = "done earlier, skipped"
             else:

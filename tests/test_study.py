@@ -34,13 +34,13 @@ def test_smoke_run_writes_every_output(smoke, capsys):
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
         (m, s) for m in METHODS.split(",") for s in (0, 1))
     for r in runs:
-        assert 0 <= r["student_top1"] <= 100 and r["curve"] and r["curve"][-1][0] == 1
+        assert 0 <= r["student_top1"] <= 100 and r["curve"] and r["curve"][-1][0] == 1 and r["train_loss"] > 0
         assert len(r["hessian_trace"]["samples"]) == 3 and len(r["profile"]["losses"]) == study.PROFILE_POINTS
     assert set(results["aggregate"]["paired"]) >= {"spaced − online", "spaced-self − self"}
     table = (out / "results.md").read_text()
     for method in METHODS.split(","):
         assert f"| {method} | 2 |" in table
-    assert "spaced − online" in table and "95% CI" in table
+    assert "spaced − online" in table and "95% CI" in table and "train loss" in table
 
 
 def test_second_invocation_skips_finished_runs(smoke, capsys):
