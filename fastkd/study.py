@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .analysis import (hutchinson_trace, loss_profile, mean_std, paired_difference, random_direction, sharpness,
-                       training_loss)
+from .analysis import (hutchinson_trace, loss_profile, mean_std, paired_difference, random_direction, save_profile,
+                       sharpness, training_loss)
 from .analysis.plot import BarChart, Line, LineChart, save_figure
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import Config, validate
@@ -167,6 +167,7 @@ def analyse_run(cfg: Config, run_dir: Path, args) -> dict:
     steps = [args.profile_radius * (2 * i / (PROFILE_POINTS - 1) - 1) for i in range(PROFILE_POINTS)]
     direction = random_direction(student, torch.Generator().manual_seed(cfg.seed))
     profile = loss_profile(student, batches, steps, direction=direction)
+    save_profile(run_dir / "profile", steps, {run_name(cfg): profile}, "Training loss along a random direction")
     summary = json.loads((run_dir / "metrics.jsonl").read_text().strip().splitlines()[-1])["summary"]
     return {"version": RESULT_VERSION, "method": cfg.method, "seed": cfg.seed,
             "student_top1": summary["student_top1"], "train_loss": training_loss(student, batches),

@@ -50,6 +50,23 @@ def test_replayed_batches_equal_the_teachers_pixel_for_pixel(tiny_imagenet, load
 
 
 @pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_sharded_loaders_split_every_global_batch(tiny_imagenet, loader):
+    """Two data-parallel ranks' loaders: each reads its contiguous half of the global batch, replays included."""
+    whole = make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 5, CPU)
+    halves = [make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 5, CPU, shard_id=r, num_shards=2)
+              for r in range(2)]
+    identities = plan_identities(whole.batches_per_epoch)
+    streams = [whole.stream(identities)] + [h.stream(identities) for h in halves]
+    for identity in identities:
+        full, first, second = (next(s) for s in streams)
+        assert first.x.shape[0] == second.x.shape[0] == 8
+        assert torch.equal(torch.cat([first.indices, second.indices]), full.indices), identity
+        assert torch.equal(torch.cat([first.y, second.y]), full.y)
+    with pytest.raises(ValueError, match="does not split evenly across 3 data-parallel ranks"):
+        make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 5, CPU, shard_id=0, num_shards=3)
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_loaders_label_batches_and_evaluate_every_test_image(tiny_imagenet, loader):
     batches = make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 0, CPU)
     batch = next(batches.stream([(0, 1)]))

@@ -36,6 +36,8 @@ def test_smoke_run_writes_every_output(smoke, capsys):
     for r in runs:
         assert 0 <= r["student_top1"] <= 100 and r["curve"] and r["curve"][-1][0] == 1 and r["train_loss"] > 0
         assert len(r["hessian_trace"]["samples"]) == 3 and len(r["profile"]["losses"]) == study.PROFILE_POINTS
+        run_dir = out / "runs" / f"{r['method']}-seed{r['seed']}"
+        assert (run_dir / "profile.png").is_file() and (run_dir / "profile.json").is_file()
     assert set(results["aggregate"]["paired"]) >= {"spaced − online", "spaced-self − self"}
     table = (out / "results.md").read_text()
     for method in METHODS.split(","):
