@@ -2,13 +2,17 @@
 bit-identical weights, compile under DDP, and resume after a kill."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from fastkd import train as train_cli
+from fastkd.engine import _checkpoint_due
+from fastkd.schedule import steps
 
 # 256 samples in global batches of 64: 4 batches per epoch, 32 samples per rank.
 RUN = ["--teacher", "tiny", "--student", "tiny", "--train-subset", "256", "--batch-size", "64", "--epochs", "2",
@@ -75,6 +79,25 @@ def test_killed_distributed_run_resumes_to_the_same_weights(two_rank_runs, tmp_p
         mine = torch.load(run / f"{name}.pt", weights_only=True)
         theirs = torch.load(reference / "run" / f"{name}.pt", weights_only=True)
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
+
+
+def test_sigterm_to_torchrun_saves_at_the_next_boundary_and_stops(tmp_path):
+    run = tmp_path / "run"
+    env = {**{k: v for k, v in os.environ.items() if k != "FASTKD_TEST_KILL_AFTER_STEP"}, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "fastkd.train", "--method", "spaced", *RUN, "--epochs", "200", "--out", str(run)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert sum("fastkd.train: stopped by SIGTERM" in line for line in stderr.splitlines()) == 1, stderr[-3000:]
+    done = torch.load(run / "checkpoint.pt", weights_only=True)["done"]
+    plan = list(steps("spaced", 200, 4, 1.5))
+    assert done < len(plan)  # stopped early, at a regular checkpoint (epoch end or replay boundary)
+    assert _checkpoint_due(plan, done, 4, save_every=None, forced=False)
 
 
 def test_compiled_steps_under_ddp(two_rank_runs, tmp_path):
