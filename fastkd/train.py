@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--alpha", type=float, default=DEFAULTS.alpha, help="soft-loss weight α (1−α weighs the label CE)")
     a("--beta", type=float, default=DEFAULTS.beta, help="self-distillation feature-loss weight β")
     a("--seed", type=int, default=DEFAULTS.seed, help="seed of initialisation, sampling and augmentation")
-    a("--device", default=DEFAULTS.device, help="auto, cpu, cuda or cuda:N")
+    a("--device", default=DEFAULTS.device,
+      help="auto, cpu, cuda or cuda:N (under torchrun, cuda gives rank k the GPU cuda:LOCAL_RANK)")
     a("--compile", action="store_true", help="compile the step functions with torch.compile")
     a("--preset", choices=tuple(PRESETS), default=None,
       help="official: the official code's settings and quirks (lr 0.01 constant, 80 epochs, all three quirks)")
