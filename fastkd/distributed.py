@@ -103,20 +103,21 @@ def wrap(model: nn.Module, world: World, device: torch.device, find_unused: bool
                **no_sync)
 
 
-def broadcast_module(model: nn.Module, world: World) -> None:
-    """Rank 0's parameters and buffers on every rank (what DDP does when it wraps a model)."""
+def _from_rank0(tensors, world: World) -> None:
     if world.launched:
         with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
+            for tensor in tensors:
                 dist.broadcast(tensor, 0)
 
 
+def broadcast_module(model: nn.Module, world: World) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does when it wraps a model)."""
+    _from_rank0([*model.parameters(), *model.buffers()], world)
+
+
 def sync_buffers(model: nn.Module, world: World) -> None:
-    """Rank 0's BatchNorm running statistics on every rank, before an evaluation or the end of the run."""
-    if world.launched:
-        with torch.no_grad():
-            for buffer in model.buffers():
-                dist.broadcast(buffer, 0)
+    """Rank 0's BatchNorm running statistics on every rank (at checkpoint points and before evaluations)."""
+    _from_rank0(model.buffers(), world)
 
 
 def average_gradients(optimizer: torch.optim.Optimizer) -> None:

@@ -272,7 +272,7 @@ def _train(cfg: Config, world: World, device: torch.device, out_dir: Path, trace
                 guard.check(plan, world)  # never checkpoint weights that a non-finite loss has already touched
                 # Every rank takes rank 0's BatchNorm statistics here, at each epoch end and replay boundary: the
                 # teacher's replay targets are then the same on all ranks, and a resumed run continues exactly.
-                for role in roles.values():
+                for role in {role.name: role for role in roles.values()}.values():  # self methods: one net
                     sync_buffers(role.model, world)
                 snapshot = _snapshot(cfg, done, roles, losses, accuracy, images, run_dir, trace, world)
                 if world.is_main:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .stats import mean_std
+
 Batches = Sequence[tuple[Tensor, Tensor]]
 
 
@@ -28,10 +30,8 @@ class Estimate:
 
 
 def _estimate(samples: list[float]) -> Estimate:
-    n = len(samples)
-    mean = sum(samples) / n
-    var = sum((s - mean) ** 2 for s in samples) / (n - 1) if n > 1 else float("nan")
-    return Estimate(mean, math.sqrt(var / n), samples)
+    mean, std = mean_std(samples)
+    return Estimate(mean, std / math.sqrt(len(samples)), samples)
 
 
 def _logits(output) -> Tensor:
