@@ -49,12 +49,18 @@ def test_replayed_batches_equal_the_teachers_pixel_for_pixel(tiny_imagenet, load
     assert not torch.equal(first[(0, 0)][0], first[(1, 0)][0])
 
 
-@pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_sharded_loaders_split_every_global_batch(tiny_imagenet, loader):
-    """Two data-parallel ranks' loaders: each reads its contiguous half of the global batch, replays included."""
-    whole = make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 5, CPU)
-    halves = [make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 5, CPU, shard_id=r, num_shards=2)
-              for r in range(2)]
+def _sources(loader, root, num_shards=1, shard_id=0):
+    if loader == "memory":  # the in-memory source (synthetic images: random crops and flips)
+        return make_batches("synthetic", None, "auto", 16, 5, CPU, shard_id=shard_id, num_shards=num_shards)
+    return make_batches("tiny-imagenet", str(root), loader, 16, 5, CPU, shard_id=shard_id, num_shards=num_shards)
+
+
+@pytest.mark.parametrize("loader", ["memory", "dali", "torch"])
+def test_two_ranks_shares_are_the_one_process_batch_pixel_for_pixel(tiny_imagenet, loader):
+    """Two data-parallel ranks' loaders: each reads its contiguous half of the global batch, with the crops and flips
+    that the 1-process run gives those samples (replays included)."""
+    whole = _sources(loader, tiny_imagenet)
+    halves = [_sources(loader, tiny_imagenet, num_shards=2, shard_id=r) for r in range(2)]
     identities = plan_identities(whole.batches_per_epoch)
     streams = [whole.stream(identities)] + [h.stream(identities) for h in halves]
     for identity in identities:
@@ -62,8 +68,25 @@ def test_sharded_loaders_split_every_global_batch(tiny_imagenet, loader):
         assert first.x.shape[0] == second.x.shape[0] == 8
         assert torch.equal(torch.cat([first.indices, second.indices]), full.indices), identity
         assert torch.equal(torch.cat([first.y, second.y]), full.y)
+        assert torch.equal(torch.cat([first.x, second.x]), full.x), identity
     with pytest.raises(ValueError, match="does not split evenly across 3 data-parallel ranks"):
-        make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 5, CPU, shard_id=0, num_shards=3)
+        _sources(loader, tiny_imagenet, num_shards=3)
+
+
+@pytest.mark.parametrize("loader", ["memory", "dali", "torch"])
+def test_two_ranks_shares_never_share_their_augmentation_draws(tiny_imagenet, loader):
+    """Every sample of a global batch has its own crop and flip: rank 1 does not reuse rank 0's draws."""
+    halves = [_sources(loader, tiny_imagenet, num_shards=2, shard_id=r) for r in range(2)]
+    whole = _sources(loader, tiny_imagenet)
+    for epoch, position in [(0, 0), (0, 1), (2, 3)]:
+        draws = [h.augmentation(h.info, epoch, position) for h in halves]
+        mine = whole.augmentation(whole.info, epoch, position)
+        # Offsets and flips are 2·8 numbers in [0, 2·pad] and 8 coin flips per half, from a fixed seed: the two
+        # halves coincide only if the old rank-blind draws came back.
+        assert not torch.equal(draws[0].offsets, draws[1].offsets), (epoch, position)
+        assert not torch.equal(draws[0].flips, draws[1].flips), (epoch, position)
+        assert torch.equal(torch.cat([d.offsets for d in draws], 1), mine.offsets)
+        assert torch.equal(torch.cat([d.flips for d in draws]), mine.flips)
 
 
 @pytest.mark.parametrize("loader", ["dali", "torch"])
@@ -142,11 +165,39 @@ def test_bad_folders_give_one_clear_error_naming_the_path(tmp_path, tiny_imagene
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_a_corrupt_jpeg_is_reported_when_first_read(tmp_path, tiny_imagenet, loader):
     root, victim = _corrupt(tmp_path, tiny_imagenet)
-    with pytest.raises(ValueError) as err:  # DALI checks file structure up front, torch when it decodes
+    with pytest.raises(ValueError) as err:  # DALI decodes every file up front, torch when it reads it
         batches = make_batches("tiny-imagenet", str(root), loader, 80, 0, CPU)  # one batch holds every image
         next(batches.stream([(0, 0)]))
     assert len(str(err.value).splitlines()) == 1
     assert str(victim) in str(err.value)
+
+
+def _garbage_entropy_coded_data(path):
+    """Keep the JPEG's headers, its start-of-scan segment and its end marker; replace the compressed data between
+    them with random bytes (DALI's CPU decoder turns such a file into garbage pixels with a warning)."""
+    data = bytearray(path.read_bytes())
+    sos = data.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    data[start:-2] = torch.randint(0, 256, (len(data) - 2 - start,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes()
+    assert data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
+    path.write_bytes(bytes(data))
+
+
+def test_dali_run_on_a_jpeg_with_garbage_data_exits_2_naming_it_and_writes_nothing(tmp_path, tiny_imagenet):
+    root = tmp_path / "garbage"
+    shutil.copytree(tiny_imagenet, root)
+    victim = sorted((root / "train").glob("*/images/*.JPEG"))[7]
+    _garbage_entropy_coded_data(victim)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "fastkd.train", "--dataset", "tiny-imagenet", "--data-dir", str(root),
+                           "--loader", "dali", "--teacher", "tiny", "--student", "tiny", "--epochs", "1",
+                           "--batch-size", "16", "--quiet",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])  # an error exit, not a signal from DALI
+    assert proc.stderr.strip().splitlines() == [f"fastkd.train: error: cannot decode image {victim}: "
+                                                f"broken data stream when reading image file"], proc.stderr
+    assert not out.exists()
 
 
 def test_truncated_cifar_pickle_is_one_error_naming_the_file(tmp_path):

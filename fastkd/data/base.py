@@ -40,6 +40,29 @@ class Batch:
     position: int
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """Per-sample random crop with zero padding (on normalised images, i.e. mean-valued) and horizontal flip."""
+    padding: int
+    offsets: Optional[Tensor]  # (2, B) row and column offsets into the padded image, in [0, 2·padding]; or None
+    flips: Optional[Tensor]  # (B,) bool; or None
+
+    def apply(self, x: Tensor) -> Tensor:
+        """The augmented batch, on x's device; x is (B, C, H, W) with B the shard's batch."""
+        b, _, h, w = x.shape
+        if self.offsets is not None:
+            pad = self.padding
+            offsets = self.offsets.to(x.device)
+            padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+            rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+            cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+            batch = torch.arange(b, device=x.device)[:, None, None]
+            x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+        if self.flips is not None:
+            x = torch.where(self.flips.to(x.device)[:, None, None, None], x.flip(3), x)
+        return x
+
+
 def identity_seed(seed: int, epoch: int, position: int) -> int:
     # A fixed mixing of the identity into a 63-bit seed; independent of any global RNG state.
     h = seed & 0xFFFFFFFF
@@ -94,8 +117,22 @@ class BatchIdentities:
         """This shard's indices of every batch of the epoch, concatenated in order."""
         return torch.cat([self.indices(epoch, p) for p in range(self.batches_per_epoch)])
 
-    def augmentation_generator(self, epoch: int, position: int) -> torch.Generator:
-        return torch.Generator().manual_seed(identity_seed(self.seed, epoch, position))
+    def augmentation(self, info: DatasetInfo, epoch: int, position: int) -> Augmentation:
+        """This shard's random crops and flips for batch (epoch, position).
+
+        They are drawn for the whole global batch from a generator seeded by the batch identity, and this shard
+        takes its samples' slice: a sample's augmentation depends on the seed, the epoch and its place in the global
+        batch alone, never on the rank or the number of ranks. So a data-parallel run sees the pixels of the
+        1-process run, and every sample of a global batch has its own draws.
+        """
+        g = torch.Generator().manual_seed(identity_seed(self.seed, epoch, position))
+        n, pad = self.batch_size, info.crop_padding
+        # Draw order (all offsets, then all flips) is part of the identity: changing it changes every run's pixels.
+        offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=g) if pad > 0 else None
+        flips = torch.rand(n, generator=g) < 0.5 if info.flip else None
+        mine = slice(self.shard_id * (n // self.num_shards), (self.shard_id + 1) * (n // self.num_shards))
+        return Augmentation(pad, offsets[:, mine] if offsets is not None else None,
+                            flips[mine] if flips is not None else None)
 
 
 class TensorBatches(BatchIdentities):
@@ -111,7 +148,7 @@ class TensorBatches(BatchIdentities):
     def batch(self, epoch: int, position: int) -> Batch:
         idx = self.indices(epoch, position)
         dev_idx = idx.to(self.device)
-        x = augment(self._train_x.index_select(0, dev_idx), self.info, self.augmentation_generator(epoch, position))
+        x = self.augmentation(self.info, epoch, position).apply(self._train_x.index_select(0, dev_idx))
         return Batch(x, self._train_y.index_select(0, dev_idx), idx, epoch, position)
 
     def stream(self, identities: Iterable[tuple[int, int]]) -> Iterator[Batch]:
@@ -123,20 +160,3 @@ class TensorBatches(BatchIdentities):
         for start in range(0, self.data.test_x.shape[0], batch_size):
             yield (self.data.test_x[start:start + batch_size].to(self.device),
                    self.data.test_y[start:start + batch_size].to(self.device))
-
-
-def augment(x: Tensor, info: DatasetInfo, generator: torch.Generator) -> Tensor:
-    """Random crop with zero padding (on normalised images, i.e. mean-valued) and random horizontal flip."""
-    b, _, h, w = x.shape
-    pad = info.crop_padding
-    if pad > 0:
-        offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
-        cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
-        batch = torch.arange(b, device=x.device)[:, None, None]
-        x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
-    if info.flip:
-        flips = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-        x = torch.where(flips[:, None, None, None], x.flip(3), x)
-    return x
