@@ -1,46 +1,176 @@
-"""The Triton kernels compile to GPU machine code (PTX and cubin for sm_80 and sm_90) without a GPU.
+"""Every launch shape of the Triton kernels compiles to GPU machine code (PTX and cubin) for sm_90, and for sm_80
+in fp32, without a GPU; and no variant spills registers to local memory.
 
-The interpreter accepts code that the compiler rejects; this catches that in CI. It runs in a child process,
-because a kernel defined under TRITON_INTERPRET=1 is an interpreter object, not a compilable one.
+The interpreter accepts code that the compiler rejects; this catches that in CI. The compiles run in child
+processes, because a kernel defined under TRITON_INTERPRET=1 is an interpreter object, not a compilable one, and
+are split over the CPU cores because there are over a hundred of them.
+
+Spills: `CompiledKernel.n_spills` is only filled in when a binary is loaded on a device, so each variant's PTX is
+run again through the ptxas that Triton bundles, with -v, and its "N bytes spill stores, M bytes spill loads" line
+is read. A spill is a silent slowdown (local-memory traffic in the row loop), never a wrong result: only a check
+like this one notices it.
+
+The variants are not listed by hand: the single-block (BLOCK, num_warps) pairs are those `launch_kd_kernel` itself
+picks for every C from 1 to MAX_SINGLE_BLOCK + 1 (probed with a recording stand-in for the kernel), the streaming
+ones are `kd_loss_stream_kernel.configs`, and the scale kernel's blocks are those `_scale_rows` launches. A new
+autotune config or a changed warps rule is covered without editing this file.
 """
+import json
 import os
 import subprocess
 import sys
 
 SCRIPT = r"""
-import itertools
+import itertools, json, os, re, subprocess, sys, tempfile
+
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
-from fastkd.kernels import _kd_loss_triton as tk
 
-compiled = 0
-for arch, dtype in itertools.product((80, 90), ("fp32", "bf16", "fp16")):
-    target = GPUTarget("cuda", arch, 32)
-    signature = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "y_ptr": "*i64", "loss_ptr": "*fp32",
-                 "g_ptr": f"*{dtype}", "C": "i32", "s_stride_r": "i64", "s_stride_c": "i32", "t_stride_r": "i64",
-                 "t_stride_c": "i32", "inv_t": "fp32", "kl_loss_scale": "fp32", "kl_grad_scale": "fp32",
-                 "ce_weight": "fp32", "ignore_index": "i64", "HAS_TARGET": "constexpr", "WRITE_GRAD": "constexpr",
-                 "SINGLE_BLOCK": "constexpr", "BLOCK": "constexpr"}
-    for (single, block, warps), has_target, write_grad in itertools.product(
-            ((True, 256, 4), (True, 8192, 16), (False, 4096, 8)), (True, False), (True, False)):
-        src = ASTSource(fn=tk.kd_loss_fwd_bwd_kernel, signature=signature,
-                        constexprs={"HAS_TARGET": has_target, "WRITE_GRAD": write_grad, "SINGLE_BLOCK": single,
-                                    "BLOCK": block})
-        kernel = triton.compile(src, target=target, options={"num_warps": warps})
-        assert "cubin" in kernel.asm, "no cubin"
-        compiled += 1
-    scale = ASTSource(fn=tk.scale_rows_kernel, constexprs={"BLOCK": 1024},
-                      signature={"g_ptr": f"*{dtype}", "scale_ptr": "*fp32", "out_ptr": f"*{dtype}", "C": "i32",
-                                 "BLOCK": "constexpr"})
-    assert "cubin" in triton.compile(scale, target=target).asm
-    compiled += 1
-print("compiled", compiled)
+from fastkd.kernels import _kd_loss_triton as tk
+from fastkd.kernels import kd_loss as kd
+
+worker, workers = int(sys.argv[1]), int(sys.argv[2])
+assert not tk.INTERPRETED
+
+
+class Recorder:
+    # Stands in for a Triton kernel: `kernel[grid](*args, **meta)` records the launch's meta-parameters.
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append(meta)
+
+
+def launcher_choices():
+    # (BLOCK, num_warps) of every single-block launch and BLOCK of every scale launch, over all C that take them.
+    real = tk.kd_loss_fwd_bwd_kernel, tk.kd_loss_stream_kernel, tk.scale_rows_kernel
+    single, stream, scale = Recorder(), Recorder(), Recorder()
+    tk.kd_loss_fwd_bwd_kernel, tk.kd_loss_stream_kernel, tk.scale_rows_kernel = single, stream, scale
+    try:
+        for c in range(1, tk.MAX_SINGLE_BLOCK + 2):
+            x = torch.empty(1, c)
+            kd.launch_kd_kernel(x, x, None, 1.0, 0.5, -100, torch.empty(1), torch.empty(1, c))
+            kd._scale_rows(x, torch.ones(1), True)
+    finally:
+        tk.kd_loss_fwd_bwd_kernel, tk.kd_loss_stream_kernel, tk.scale_rows_kernel = real
+    assert all(m["SINGLE_BLOCK"] for m in single.launches) and len(stream.launches) == 1  # C = MAX + 1 streams
+    widths = sorted({(m["BLOCK"], m["num_warps"]) for m in single.launches})
+    return widths, sorted({m["BLOCK"] for m in scale.launches}), sorted({m.get("num_warps") for m in scale.launches})
+
+
+DTYPES = ("fp32", "bf16", "fp16")
+FLAGS = list(itertools.product((True, False), repeat=2))  # (HAS_TARGET, WRITE_GRAD)
+HEAVIEST = FLAGS[:1]  # with a target and a gradient: the most code and, in all but one case, the most registers
+
+
+def variants():
+    # (arch, kernel name, dtype, constexprs, num_warps or None for Triton's default). sm_90 gets every dtype;
+    # sm_80 gets fp32, whose rows take the most registers (a bf16 or fp16 load packs two values per register).
+    widths, scale_blocks, scale_warps = launcher_choices()
+    assert scale_warps == [None]
+    # The narrowest and widest block of each warps count: the sub-warp layouts of tiny rows, and the peak values
+    # per thread. A block between two edges holds fewer values per thread than the wider edge at the same warps,
+    # so it is compiled once, in fp32 with every feature.
+    counts = {warps for _, warps in widths}
+    edges = {f(b for b, w in widths if w == warps) for warps in counts for f in (min, max)}
+    streams = [(c.kwargs["BLOCK"], c.num_warps) for c in tk.kd_loss_stream_kernel.configs]
+    for arch, dtypes in ((90, DTYPES), (80, ("fp32",))):
+        for dtype in dtypes:
+            # Every feature combination of the streaming configs: the forward-only ones allocate differently.
+            for (block, warps), (has_target, write_grad) in itertools.product(streams, FLAGS):
+                yield arch, "stream", dtype, dict(HAS_TARGET=has_target, WRITE_GRAD=write_grad,
+                                                  SINGLE_BLOCK=False, BLOCK=block), warps
+            for block, warps in widths:
+                if block in edges:
+                    flags = FLAGS if arch == 90 else HEAVIEST
+                elif arch == 90 and dtype == "fp32":
+                    flags = HEAVIEST
+                else:
+                    continue
+                for has_target, write_grad in flags:
+                    yield arch, "single", dtype, dict(HAS_TARGET=has_target, WRITE_GRAD=write_grad,
+                                                      SINGLE_BLOCK=True, BLOCK=block), warps
+            for block in (scale_blocks[0], scale_blocks[-1]):  # one warps count: its edges
+                yield arch, "scale", dtype, dict(BLOCK=block), None
+
+
+def signature(kernel, dtype):
+    if kernel == "scale":
+        return {"g_ptr": f"*{dtype}", "scale_ptr": "*fp32", "out_ptr": f"*{dtype}", "C": "i32",
+                "BLOCK": "constexpr"}
+    return {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "y_ptr": "*i64", "loss_ptr": "*fp32",
+            "g_ptr": f"*{dtype}", "C": "i32", "s_stride_r": "i64", "s_stride_c": "i32", "t_stride_r": "i64",
+            "t_stride_c": "i32", "inv_t": "fp32", "kl_loss_scale": "fp32", "kl_grad_scale": "fp32",
+            "ce_weight": "fp32", "ignore_index": "i64", "HAS_TARGET": "constexpr", "WRITE_GRAD": "constexpr",
+            "SINGLE_BLOCK": "constexpr", "BLOCK": "constexpr"}
+
+
+USAGE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+def ptxas_usage(ptx, arch):
+    # The same ptxas Triton itself runs, on the PTX it produced; -v reports registers and spills.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", path,
+                               "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    spills, registers = USAGE.findall(proc.stderr), REGISTERS.findall(proc.stderr)
+    assert len(spills) == 1 and len(registers) == 1, proc.stderr  # one entry function, one report
+    return int(registers[0]), int(spills[0][0]), int(spills[0][1])
+
+
+all_variants = list(variants())
+print(json.dumps({"total": len(all_variants)}), flush=True)
+for arch, kernel, dtype, constexprs, warps in all_variants[worker::workers]:
+    fn = tk.scale_rows_kernel if kernel == "scale" else tk.kd_loss_fwd_bwd_kernel
+    src = ASTSource(fn=fn, signature=signature(kernel, dtype), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={} if warps is None else {"num_warps": warps})
+    registers, spill_stores, spill_loads = ptxas_usage(compiled.asm["ptx"], arch)
+    flags = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items())
+    warps = compiled.metadata.num_warps
+    print(json.dumps({"variant": f"sm_{arch} {kernel} {dtype} {flags} num_warps={warps}", "arch": f"sm_{arch}",
+                      "kernel": kernel, "block": constexprs["BLOCK"], "num_warps": warps,
+                      "cubin": bool(compiled.asm.get("cubin")), "registers": registers,
+                      "spill_stores": spill_stores, "spill_loads": spill_loads}), flush=True)
 """
 
 
-def test_triton_kernels_compile_to_cubin_for_ampere_and_hopper():
+def compile_all() -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == str(2 * 3 * (3 * 2 * 2 + 1))
+    workers = max(1, min(4, os.cpu_count() or 1))
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), str(workers)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(workers)]
+    records, totals = [], set()
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr[-3000:]
+        lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        totals |= {line["total"] for line in lines if "total" in line}
+        records += [line for line in lines if "variant" in line]
+    assert len(totals) == 1 and len(records) == totals.pop(), "a worker skipped variants"
+    return records
+
+
+def test_every_kernel_variant_compiles_for_ampere_and_hopper_without_register_spills():
+    records = compile_all()
+    kinds = {(r["arch"], r["kernel"]) for r in records}
+    assert kinds == {(arch, kernel) for arch in ("sm_90", "sm_80") for kernel in ("single", "stream", "scale")}
+    assert all(r["cubin"] for r in records), [r["variant"] for r in records if not r["cubin"]]
+    spilling = [f"{r['variant']}: {r['registers']} registers, {r['spill_stores']} bytes spill stores, "
+                f"{r['spill_loads']} bytes spill loads" for r in records if r["spill_stores"] or r["spill_loads"]]
+    assert not spilling, "register spills:\n" + "\n".join(spilling)
+    # Shown with -s: the most registers of each launch shape (at most 65536 / (32 · num_warps) fit per thread).
+    shapes = sorted({(r["arch"], r["kernel"], r["block"], r["num_warps"]) for r in records})
+    for shape in shapes:
+        mine = [r for r in records if (r["arch"], r["kernel"], r["block"], r["num_warps"]) == shape]
+        print("%s %-6s BLOCK=%-5d num_warps=%-2d %2d variants, no spills, at most %3d registers"
+              % (*shape, len(mine), max(r["registers"] for r in mine)))
