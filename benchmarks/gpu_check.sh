@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one device call (about 7 minutes) on a CUDA machine that has torch, triton, pytest and
-# pytest-benchmark and no network. It installs fastkd offline, runs the kernel tests on the GPU (compiled Triton, not
-# the interpreter), benchmarks kd_loss at the small and the LLM-vocabulary shapes, benchmarks the spaced-KD training
-# step (eager, compiled, compiled + CUDA graphs) and the training loader, runs a few steps under a 1-GPU torchrun
-# (DDP over NCCL, eager and compiled), and prints the tables last.
+# The prepared GPU check: one device call (at most 8 minutes: the step timeouts below add up to 480 s) on a CUDA
+# machine that has torch, triton, pytest and pytest-benchmark and no network. It installs fastkd offline, runs the
+# GPU test tier (tests marked gpu: every streaming kernel config at vocabulary sizes, compiled CUDA-graphed steps
+# against eager, a 1-GPU torchrun against the plain run), then the kernel tests on the GPU (compiled Triton, not the
+# interpreter), benchmarks kd_loss at the small and the LLM-vocabulary shapes, benchmarks the spaced-KD training step
+# (eager, compiled, compiled + CUDA graphs) and the training loader, runs a compiled 1-GPU torchrun smoke (DDP over
+# NCCL, in-graph all-reduce), prints the tables, and last the steps that could not run, with why.
 # Results land in $OUT (the device tool's output folder) or /tmp/fastkd-gpu-check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,35 +14,70 @@ mkdir -p "$out"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/fastkd-inductor-cache
 status=0
+could_not_run=()
+
+# check NAME RC LIMIT: remember a step that timed out or failed (RC is its timeout's exit status).
+check() {
+    case $2 in
+        0) ;;
+        124) could_not_run+=("$1: timed out after ${3} s"); status=1 ;;
+        *) could_not_run+=("$1: failed with exit status $2 (its log is in $out)"); status=1 ;;
+    esac
+}
 
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
+echo "== GPU test tier (pytest -m gpu)"
+timeout 200 python3 -m pytest -m gpu tests/ -rs -q 2>&1 | tee "$out/gpu_tests.log"
+check "GPU test tier" "${PIPESTATUS[0]}" 200
+
 echo "== kd_loss kernel tests on the GPU"
-timeout 150 python3 -m pytest tests/test_kd_loss.py -q -x 2>&1 | tee "$out/kernel_tests.log" || status=1
+timeout 70 python3 -m pytest tests/test_kd_loss.py -rs -q -x 2>&1 | tee "$out/kernel_tests.log"
+check "kd_loss kernel tests" "${PIPESTATUS[0]}" 70
 
 echo "== kd_loss benchmarks"
-FASTKD_BENCH_LARGE=1 timeout 170 python3 -m pytest benchmarks/test_kd_loss_bench.py --benchmark-only -q \
-    --benchmark-json="$out/kd_loss_bench.json" 2>&1 | tail -n 5 || status=1
+FASTKD_BENCH_LARGE=1 timeout 80 python3 -m pytest benchmarks/test_kd_loss_bench.py --benchmark-only -rs -q \
+    --benchmark-json="$out/kd_loss_bench.json" 2>&1 | tee "$out/kd_loss_bench.log" | tail -n 5
+check "kd_loss benchmarks" "${PIPESTATUS[0]}" 80
 
 echo "== training-step benchmark (eager, compiled, compiled + CUDA graphs)"
-timeout 150 python3 -m pytest benchmarks/test_step_bench.py --benchmark-only -q \
-    --benchmark-json="$out/step_bench.json" 2>&1 | tail -n 5 || status=1
+timeout 60 python3 -m pytest benchmarks/test_step_bench.py --benchmark-only -rs -q \
+    --benchmark-json="$out/step_bench.json" 2>&1 | tee "$out/step_bench.log" | tail -n 5
+check "training-step benchmark" "${PIPESTATUS[0]}" 60
 
 echo "== training-loader benchmark (torch DataLoader; DALI where installed)"
-timeout 60 python3 -m pytest benchmarks/test_loader_bench.py --benchmark-only -q \
-    --benchmark-json="$out/loader_bench.json" 2>&1 | tail -n 5 || status=1
+timeout 30 python3 -m pytest benchmarks/test_loader_bench.py --benchmark-only -rs -q \
+    --benchmark-json="$out/loader_bench.json" 2>&1 | tee "$out/loader_bench.log" | tail -n 5
+check "training-loader benchmark" "${PIPESTATUS[0]}" 30
+python3 -c "import nvidia.dali" 2>/dev/null \
+    || could_not_run+=("DALI loader benchmark: DALI is not installed (nvidia.dali does not import); torch DataLoader only")
+if grep -qi liger benchmarks/test_kd_loss_bench.py && ! python3 -c "import liger_kernel" 2>/dev/null; then
+    could_not_run+=("Liger kd_loss benchmark: Liger is not installed (liger_kernel does not import)")
+fi
 
-echo "== 1-GPU torchrun smoke (DDP over NCCL: eager steps, then compiled steps with in-graph all-reduce)"
-for flag in "" "--compile"; do
-    timeout 150 python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m fastkd.train --method spaced \
-        $flag --dataset synthetic --epochs 2 --batch-size 64 --quiet --out "$out/torchrun-smoke$flag" 2>&1 \
-        | tail -n 3 || status=1
-done
+# The eager 1-GPU torchrun run is in the GPU test tier (compared with the plain run); the compiled one runs here.
+echo "== 1-GPU torchrun smoke (DDP over NCCL: compiled steps with in-graph all-reduce)"
+timeout 40 python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m fastkd.train --method spaced --compile \
+    --dataset synthetic --epochs 1 --batch-size 64 --quiet --out "$out/torchrun-smoke-compile" 2>&1 \
+    | tee "$out/torchrun-smoke-compile.log" | tail -n 3
+check "1-GPU torchrun smoke (compiled)" "${PIPESTATUS[0]}" 40
 
 echo "== tables"
 for f in "$out/kd_loss_bench.json" "$out/step_bench.json" "$out/loader_bench.json"; do
     [ -f "$f" ] && python3 benchmarks/report.py "$f" | tee -a "$out/tables.md"
 done
+
+# pytest's own skip reasons (-rs), from every log, e.g. "SKIPPED [1] tests/x.py:12: reason".
+while IFS= read -r line; do
+    could_not_run+=("skipped: ${line#SKIPPED }")
+done < <(grep -h '^SKIPPED' "$out"/*.log 2>/dev/null)
+
+echo "== could not run"
+if [ ${#could_not_run[@]} -eq 0 ]; then
+    echo "(nothing: every step ran to completion)"
+else
+    printf -- '- %s\n' "${could_not_run[@]}" | tee "$out/could_not_run.txt"
+fi
 exit $status
