@@ -238,7 +238,6 @@ def _train(cfg: Config, world: World, device: torch.device, out_dir: Path, trace
                   if i == first or plan[i - 1].batch != plan[i].batch]
     stream = batches.stream(identities)
     batch, live_logits = None, None
-    kill_after = int(os.environ.get("FASTKD_TEST_KILL_AFTER_STEP", "0"))  # fault injection for the resume tests
     guard = NonFiniteGuard(device)
     with StopSignals() as stop:
         for done, step in enumerate(plan[first:], first + 1):
@@ -263,8 +262,6 @@ def _train(cfg: Config, world: World, device: torch.device, out_dir: Path, trace
                     progress.note(done, _describe(record))
                 window_images, window_start = 0, time.perf_counter()  # evaluation time stays out of images/s
             guard.watch(loss, terms, done)
-            if done == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
             # A signal stops a single process at the next step; the ranks of a data-parallel run agree on it at the
             # next regular checkpoint (epoch end, replay boundary, --save-every), where they meet anyway.
             if _checkpoint_due(plan, done, per_epoch, save_every, forced=bool(stop.signum) and not world.launched):

@@ -90,6 +90,20 @@ def test_two_ranks_shares_never_share_their_augmentation_draws(tiny_imagenet, lo
 
 
 @pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_a_stream_starting_mid_epoch_equals_the_uninterrupted_stream_pixel_for_pixel(tiny_imagenet, loader):
+    """What a resumed run's loader does: start at (epoch, position) with no checkpoint taken earlier."""
+    per_epoch = make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 5, CPU).batches_per_epoch
+    everything = [(e, p) for e in range(2) for p in range(per_epoch)]
+    full = list(make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 5, CPU).stream(everything))
+    start = per_epoch + 2  # epoch 1, position 2
+    resumed = make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 5, CPU).stream(everything[start:])
+    for expected, batch in zip(full[start:], resumed, strict=True):
+        assert (batch.epoch, batch.position) == (expected.epoch, expected.position)
+        assert torch.equal(batch.indices, expected.indices) and torch.equal(batch.y, expected.y)
+        assert torch.equal(batch.x, expected.x), (batch.epoch, batch.position)
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_loaders_label_batches_and_evaluate_every_test_image(tiny_imagenet, loader):
     batches = make_batches("tiny-imagenet", str(tiny_imagenet), loader, 16, 0, CPU)
     batch = next(batches.stream([(0, 1)]))

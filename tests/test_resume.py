@@ -1,45 +1,94 @@
 """Checkpoint and resume: a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted one."""
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastkd import checkpoint
+from fastkd.data.synth import write
 from fastkd.train import main
 
 # synthetic: 256 images, batch 32 → I = 8; s = 0.7 → K = 5. Steps 11-15 advance on batches 5-9, 16-20 replay
 # them, 21 advances again; checkpoints fall at replay boundaries (10, 15, 20) and epoch ends.
 RUN = ["--interval", "0.7", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "32", "--quiet"]
+PLAIN = ["--dataset", "synthetic", "--epochs", "2", "--batch-size", "32", "--quiet"]  # methods without spacing
+FOLDER = ["--interval", "0.7", "--dataset", "tiny-imagenet", "--epochs", "2", "--batch-size", "32",
+          "--teacher", "tiny", "--student", "tiny", "--quiet"]
+KILL_AFTER = str(Path(__file__).with_name("kill_after.py"))
 
 
 def cli(*args, kill_after=None):
-    env = {**os.environ, "FASTKD_TEST_KILL_AFTER_STEP": str(kill_after or 0)}
-    return subprocess.run([sys.executable, "-m", "fastkd.train", *args], env=env, capture_output=True, text=True)
+    program = [KILL_AFTER, str(kill_after)] if kill_after else ["-m", "fastkd.train"]
+    return subprocess.run([sys.executable, *program, *args], capture_output=True, text=True)
 
 
-@pytest.fixture(scope="module", params=["spaced", "spaced-self"])
-def uninterrupted(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param) / "full"
-    proc = cli("--method", request.param, *RUN, "--out", str(out), "--trace", str(out) + ".trace")
-    assert proc.returncode == 0, proc.stderr
-    return request.param, out
+@pytest.fixture(scope="module")
+def tiny_imagenet_folder(tmp_path_factory):
+    # 4 classes × 64 real JPEGs: I = 8 batches of 32 per epoch, as with the in-memory synthetic data.
+    return write(tmp_path_factory.mktemp("data") / "tiny", "tiny-imagenet", num_classes=4, per_class=64,
+                 val_per_class=4)
 
 
-@pytest.mark.parametrize("kill_after", [13, 18, 21], ids=["before-replay", "inside-replay", "right-after-replay"])
-def test_killed_and_resumed_run_is_bit_identical(uninterrupted, tmp_path, kill_after):
-    method, full = uninterrupted
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted run of a command line, run once per module and shared by every kill point."""
+    runs = {}
+
+    def run(args):
+        if tuple(args) not in runs:
+            out = tmp_path_factory.mktemp("full") / "full"
+            proc = cli(*args, "--out", str(out), "--trace", str(out) + ".trace")
+            assert proc.returncode == 0, proc.stderr
+            runs[tuple(args)] = out
+        return runs[tuple(args)]
+
+    return run
+
+
+# (method, command line, kill after step, the checkpoint it resumes from). Every method; spaced at several points
+# around a replay; spaced-self likewise; compiled steps (one case: each compiled process takes ~30 s on 2 cores);
+# both file loaders; --save-every between boundaries.
+CASES = {
+    "spaced-before-replay": ("spaced", RUN, 13, 10),
+    "spaced-inside-replay": ("spaced", RUN, 18, 15),
+    "spaced-right-after-replay": ("spaced", RUN, 21, 20),
+    "spaced-self-before-replay": ("spaced-self", RUN, 13, 10),
+    "spaced-self-inside-replay": ("spaced-self", RUN, 18, 15),
+    "spaced-self-right-after-replay": ("spaced-self", RUN, 21, 20),
+    "baseline": ("baseline", PLAIN, 11, 8),
+    "online-between-teacher-and-student": ("online", PLAIN, 21, 20),
+    "offline-student-phase": ("offline", PLAIN, 19, 16),
+    "self": ("self", PLAIN, 11, 8),
+    "spaced-save-every": ("spaced", [*RUN, "--save-every", "3"], 13, 12),
+    "spaced-loader-torch": ("spaced", [*FOLDER, "--loader", "torch"], 18, 15),
+    "spaced-loader-dali": ("spaced", [*FOLDER, "--loader", "dali"], 18, 15),
+    "spaced-compiled": ("spaced", [*RUN, "--compile"], 18, 15),
+}
+
+
+SLOW = {"spaced-loader-torch", "spaced-loader-dali", "spaced-compiled"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
+def test_killed_and_resumed_run_is_bit_identical(case, uninterrupted, tiny_imagenet_folder, tmp_path):
+    method, args, kill_after, resumes_from = CASES[case]
+    if "tiny-imagenet" in args:
+        args = [*args, "--data-dir", str(tiny_imagenet_folder)]
+    args = ["--method", method, *args]
+    full = uninterrupted(args)
     out = tmp_path / "killed"
-    killed = cli("--method", method, *RUN, "--out", str(out), "--trace", str(out) + ".trace", kill_after=kill_after)
-    assert killed.returncode == -9  # SIGKILL
+    killed = cli(*args, "--out", str(out), "--trace", str(out) + ".trace", kill_after=kill_after)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
+    assert torch.load(out / checkpoint.CHECKPOINT, weights_only=True)["done"] == resumes_from
     resumed = cli("--resume", str(out), "--trace", str(out) + ".trace", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    for name in ("student", "teacher") if method == "spaced" else ("student",):
+    for name in ("student",) if method in ("self", "spaced-self", "baseline") else ("student", "teacher"):
         a = torch.load(full / f"{name}.pt", weights_only=True)
         b = torch.load(out / f"{name}.pt", weights_only=True)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert (out.parent / "killed.trace").read_text() == (full.parent / "full.trace").read_text()
 
     def records(path):

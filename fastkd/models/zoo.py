@@ -41,13 +41,13 @@ IMAGENET_WIDTHS = (64, 128, 256, 512)
 THIN_WIDTHS = (16, 32, 64)  # the thin CIFAR ResNets of He et al. (2016, §4.2), depth 6n+2
 
 
-def _tiny_stages(in_channels: int) -> tuple[list[nn.Module], list[int]]:
+def _tiny_stages(in_channels: int, norm=nn.BatchNorm2d) -> tuple[list[nn.Module], list[int]]:
     """Three small conv stages: for tests, smoke runs and CPU benchmarks."""
     widths = [16, 32, 64]
     stages, prev = [], in_channels
     for i, w in enumerate(widths):
-        stages.append(nn.Sequential(Conv2dNormActivation(prev, w, 3, stride=1 if i == 0 else 2),
-                                    Conv2dNormActivation(w, w, 3)))
+        stages.append(nn.Sequential(Conv2dNormActivation(prev, w, 3, stride=1 if i == 0 else 2, norm_layer=norm),
+                                    Conv2dNormActivation(w, w, 3, norm_layer=norm)))
         prev = w
     return stages, widths
 
@@ -60,6 +60,9 @@ STAGE_BUILDERS: dict[str, Callable[[int], tuple[list[nn.Module], list[int]]]] = 
     "resnet32": lambda c: _resnet_stages(BasicBlock, [5, 5, 5], THIN_WIDTHS, c),
     "resnet56": lambda c: _resnet_stages(BasicBlock, [9, 9, 9], THIN_WIDTHS, c),
     "tiny": _tiny_stages,
+    # BatchNorm-free (GroupNorm): its result does not depend on how a batch is split, so data-parallel runs can be
+    # compared with 1-process runs to float tolerance.
+    "tiny-gn": lambda c: _tiny_stages(c, norm=lambda width: nn.GroupNorm(4, width)),
 }
 
 
