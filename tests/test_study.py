@@ -1,7 +1,7 @@
 """The study runner: a 2-seed, 1-epoch smoke run of every method writes every output; running it again skips
-finished runs, continues a killed one from its checkpoint, and refuses a folder made with other settings."""
+finished runs, continues a killed one from its checkpoint, and refuses a folder made with other settings. The
+aggregates (mean ± std, paired differences and their t-intervals) are checked against hand-computed values."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from fastkd import study
+from fastkd.data import load_dataset
 
 SMALL = ["--dataset", "digits", "--train-subset", "128", "--batch-size", "32", "--epochs", "1", "--teacher", "tiny",
          "--student", "tiny", "--hessian-probes", "3", "--sharpness-draws", "2", "--analysis-samples", "64",
@@ -56,16 +57,32 @@ def test_second_invocation_skips_finished_runs(smoke, capsys):
     assert (out / "runs" / "spaced-seed1" / "result.json").read_text() == before
 
 
+# Fault injection from outside the engine: the study in a process that SIGKILLs itself right after its N-th
+# optimizer step, before anything of that step is checkpointed (as a crash or an OOM kill would).
+KILLED_STUDY = """
+import os, signal, sys
+from fastkd import engine, study
+run_step, count = engine._run_step, 0
+def counting_run_step(*args):
+    global count
+    result = run_step(*args)
+    count += 1
+    if count == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+engine._run_step = counting_run_step
+sys.exit(study.main(sys.argv[2:]))
+"""
+
+
 def test_a_killed_study_resumes_its_run_from_the_checkpoint(tmp_path):
-    args = [sys.executable, "-m", "fastkd.study", "--methods", "spaced", "--seeds", "1", *SMALL,
-            "--epochs", "2", "--out", str(tmp_path)]
+    args = ["--methods", "spaced", "--seeds", "1", *SMALL, "--epochs", "2", "--out", str(tmp_path)]
     # 4 batches per epoch: the teacher's epoch 0 ends at step 4 (a checkpoint); killed after step 5.
-    killed = subprocess.run(args, env={**os.environ, "FASTKD_TEST_KILL_AFTER_STEP": "5"}, capture_output=True,
-                            text=True)
-    assert killed.returncode == -9
+    killed = subprocess.run([sys.executable, "-c", KILLED_STUDY, "5", *args], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
     assert (tmp_path / "runs" / "spaced-seed0" / "checkpoint.pt").is_file()
-    env = {k: v for k, v in os.environ.items() if k != "FASTKD_TEST_KILL_AFTER_STEP"}
-    resumed = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    resumed = subprocess.run([sys.executable, "-m", "fastkd.study", *args], capture_output=True, text=True,
+                             check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert "[1/1] spaced-seed0: resumed after step 4" in resumed.stdout
     assert (tmp_path / "results.md").is_file()
@@ -83,3 +100,87 @@ def test_bad_input_is_one_line(smoke, capsys):
     assert "baseline-seed0 was trained with other settings (lr)" in err and err.count("\n") == 1
     assert study.main(["--seeds", "0", "--out", str(out)]) == 2
     assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
+def test_aggregates_of_finished_runs_match_hand_computed_statistics(tmp_path, monkeypatch, capsys):
+    """Runs whose result.json is current are not trained or analysed again: the study re-aggregates them. Here six
+    such runs (online and spaced, seeds 0–2) with chosen numbers, and every aggregate checked against arithmetic
+    done by hand."""
+    args = ["--methods", "online,spaced", "--seeds", "3", "--dataset", "synthetic", "--teacher", "tiny",
+            "--student", "tiny", "--device", "cpu", "--out", str(tmp_path)]
+    parsed = study.build_parser().parse_args(args)
+    chosen = {  # (student top-1, teacher top-1, train loss, Hessian trace, sharpness) by seed 0, 1, 2
+        "online": [(90.0, 95.0, 0.5, 10.0, 0.01), (92.0, 97.0, 0.3, 14.0, 0.03), (91.0, 99.0, 0.4, 12.0, 0.02)],
+        "spaced": [(91.0, 96.0, 0.25, 8.0, 0.1), (95.0, 96.0, 0.25, 9.0, 0.1), (93.0, 96.0, 0.25, 13.0, 0.4)],
+    }
+    steps = [parsed.profile_radius * (2 * i / (study.PROFILE_POINTS - 1) - 1) for i in range(study.PROFILE_POINTS)]
+    info = load_dataset("synthetic").info
+    for cfg in study.run_configs(parsed):  # what a finished run's folder holds, in the format the study writes it
+        top1, teacher_top1, loss, trace, sharp = chosen[cfg.method][cfg.seed]
+        run_dir = tmp_path / "runs" / study.run_name(cfg)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "dataset_info": info.to_dict()}, indent=2))
+        result = {"version": study.RESULT_VERSION, "method": cfg.method, "seed": cfg.seed, "student_top1": top1,
+                  "train_loss": loss, "teacher_top1": teacher_top1, "wall_s": 1.0, "curve": [[1, top1]],
+                  "hessian_trace": {"mean": trace, "stderr": 0.5, "samples": [trace - 1, trace + 1]},
+                  "sharpness": {"mean": sharp, "stderr": 0.001, "samples": [sharp, sharp]},
+                  "profile": {"steps": steps, "losses": [1.0] * len(steps)},
+                  "analysis": study.analysis_settings(parsed)}
+        (run_dir / study.RESULT).write_text(json.dumps(result) + "\n")
+
+    def must_not_run(*_args):
+        raise AssertionError("a finished, analysed run was trained or analysed again")
+
+    monkeypatch.setattr(study, "train_run", must_not_run)
+    monkeypatch.setattr(study, "analyse_run", must_not_run)
+    assert study.main(args) == 0
+    assert capsys.readouterr().out.count("done earlier, skipped") == 6
+    agg = json.loads((tmp_path / "results.json").read_text())["aggregate"]
+
+    # mean ± sample std (n − 1), by hand:
+    #   online top-1 90, 92, 91: mean 91, deviations −1, 1, 0 → var (1 + 1 + 0)/2 = 1 → std 1
+    #   spaced top-1 91, 95, 93: mean 93, deviations −2, 2, 0 → var (4 + 4 + 0)/2 = 4 → std 2
+    #   online teacher 95, 97, 99: mean 97, std 2;    spaced teacher 96 ×3: mean 96, std 0
+    #   online loss 0.5, 0.3, 0.4: mean 0.4, deviations 0.1, −0.1, 0 → std 0.1;  spaced 0.25 ×3: std 0
+    #   online trace 10, 14, 12: mean 12, std 2;  spaced trace 8, 9, 13: mean 10, deviations −2, −1, 3 → var 14/2
+    #       → std √7 = 2.6457513110645907
+    #   online sharpness 0.01, 0.03, 0.02: mean 0.02, std 0.01;  spaced 0.1, 0.1, 0.4: mean 0.2, deviations −0.1,
+    #       −0.1, 0.2 → var 0.06/2 = 0.03 → std √0.03 = 0.17320508075688773
+    expected = {
+        "online": {"student_top1": (91.0, 1.0), "teacher_top1": (97.0, 2.0), "train_loss": (0.4, 0.1),
+                   "hessian_trace": (12.0, 2.0), "sharpness": (0.02, 0.01)},
+        "spaced": {"student_top1": (93.0, 2.0), "teacher_top1": (96.0, 0.0), "train_loss": (0.25, 0.0),
+                   "hessian_trace": (10.0, 2.6457513110645907), "sharpness": (0.2, 0.17320508075688773)},
+    }
+    for method, stats in expected.items():
+        assert agg["methods"][method]["seeds"] == [0, 1, 2]
+        for key, (mean, std) in stats.items():
+            got = agg["methods"][method][key]
+            # sums of three decimals: exact up to float64 rounding (a few ulps; 1e-12 relative, 1e-15 absolute)
+            assert (got["mean"], got["std"]) == (pytest.approx(mean, rel=1e-12), pytest.approx(std, abs=1e-15,
+                                                                                                 rel=1e-12)), key
+            assert got["values"] == [chosen[method][s][list(stats).index(key)] for s in range(3)]
+
+    # Paired differences spaced − online, with the 95% t-interval mean ± t(0.975, 2)·std/√3. For 2 degrees of
+    # freedom the t quantile has a closed form: F(t) = 1/2 + t/(2√(2 + t²)), so t = 0.95·√(2/(1 − 0.95²))
+    # = 4.302652729749463 (tables: 4.303).
+    #   top-1: differences 1, 3, 2 → mean 2, std 1 → half-width 4.302652729749463/√3 = 2.4841377117503307
+    #          → [−0.4841377117503307, 4.484137711750331]; spaced better on 3 seeds, worse on 0
+    #   trace: differences −2, −5, 1 → mean −2, deviations 0, −3, 3 → var 18/2 = 9 → std 3 → half-width
+    #          4.302652729749463·3/√3 = 7.452413135250991 → [−9.452413135250991, 5.452413135250991]; 1 / 2
+    assert set(agg["paired"]) == {"spaced − online"}
+    paired = agg["paired"]["spaced − online"]
+    # The study's quantile comes from Simpson's rule and bisection (~1e-10); 1e-8 bounds its error in the interval.
+    for key, (mean, low, high, wins, losses) in {
+            "student_top1": (2.0, -0.4841377117503307, 4.484137711750331, 3, 0),
+            "hessian_trace": (-2.0, -9.452413135250991, 5.452413135250991, 1, 2)}.items():
+        d = paired[key]
+        assert d["mean"] == pytest.approx(mean, rel=1e-12), key
+        assert (d["low"], d["high"]) == (pytest.approx(low, abs=1e-8), pytest.approx(high, abs=1e-8)), key
+        assert (d["n"], d["wins"], d["losses"]) == (3, wins, losses), key
+
+    # The same numbers, rounded, in results.md.
+    table = (tmp_path / "results.md").read_text()
+    assert "| online | 3 | 91.00 ± 1.00 | 97.00 ± 2.00 | 0.400 ± 0.100 | 12.00 ± 2.00 | 0.020 ± 0.010 |" in table
+    assert "| spaced | 3 | 93.00 ± 2.00 | 96.00 ± 0.00 | 0.250 ± 0.000 | 10.00 ± 2.65 | 0.200 ± 0.173 |" in table
+    assert "| spaced − online | +2.00 | [-0.48, +4.48] | 3 / 0 of 3 | -2.00 | [-9.45, +5.45] |" in table
