@@ -73,8 +73,8 @@ ONE_BATCH_KIB = BATCH * 3 * 64 * 64 * 4 / 1024  # float32 64×64 RGB: 1.5 MiB
 
 @pytest.fixture(scope="module")
 def tiny_imagenet_folder(tmp_path_factory):
-    # 2 classes × 64 JPEGs: I = 4 batches of 32; s = 4 keeps 16 batches (24 MiB of images) pending before a replay.
-    return write(tmp_path_factory.mktemp("data") / "tiny", "tiny-imagenet", num_classes=2, per_class=64,
+    # 2 classes × 256 JPEGs: I = 16 batches of 32; s = 4 keeps 64 batches (96 MiB of images) pending before a replay.
+    return write(tmp_path_factory.mktemp("data") / "tiny", "tiny-imagenet", num_classes=2, per_class=256,
                  val_per_class=2)
 
 
@@ -92,11 +92,16 @@ def peak_rss_kib(folder, loader, interval, tmp_path, hoard=False) -> int:
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_peak_resident_memory_of_a_file_loader_run_does_not_grow_from_s_0_3_to_s_4(tiny_imagenet_folder, loader,
                                                                                     tmp_path):
-    short = peak_rss_kib(tiny_imagenet_folder, loader, 0.3, tmp_path)  # K = 1 batch pending
-    long = peak_rss_kib(tiny_imagenet_folder, loader, 4.0, tmp_path)  # K = 16 batches pending
-    # A buffer of the pending batches would add 15 batches (22 MiB); allocator noise is well under 4 batches. One
-    # sided: DALI at small s restores more pipelines from checkpoints (seen: s = 0.3 about 9 batches' worth higher).
-    assert long - short < 4 * ONE_BATCH_KIB, (loader, short, long)
+    short = peak_rss_kib(tiny_imagenet_folder, loader, 0.3, tmp_path)  # K = 4 batches pending
+    long = peak_rss_kib(tiny_imagenet_folder, loader, 4.0, tmp_path)  # K = 64 batches pending
+    # A buffer of the pending batches would add 60 batches (90 MiB). The torch loader's peak moves by well under 4
+    # batches. DALI's moves by up to about 17 batches either way from run to run (seen: -9 and +17 at smaller
+    # sizes): its pipelines keep memory pools, and how many pipelines are alive at the peak varies with the replay
+    # pattern, not with s; so DALI's bound is a quarter of what the buffer would add.
+    bound = 4 if loader == "torch" else 16
+    print(f"peak RSS, --loader {loader}: s=0.3 {short / 1024:.1f} MiB, s=4 {long / 1024:.1f} MiB, "
+          f"difference {(long - short) / ONE_BATCH_KIB:+.1f} batches")
+    assert long - short < bound * ONE_BATCH_KIB, (loader, short, long)
     if loader == "torch":  # the measurement sees a buffer: holding every batch the run trains on shows up
         hoarded = peak_rss_kib(tiny_imagenet_folder, loader, 4.0, tmp_path, hoard=True)
-        assert hoarded - long > 10 * ONE_BATCH_KIB, (long, hoarded)
+        assert hoarded - long > 30 * ONE_BATCH_KIB, (long, hoarded)
