@@ -68,11 +68,11 @@ def exact_trace(model: nn.Module, data) -> float:
     return float(torch.autograd.functional.hessian(loss, flat).diagonal().sum())
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", SEEDS[:2])
 def test_hutchinson_matches_the_exact_trace_within_its_standard_error(seed):
     # Several fixed seeds (model, data and probes) rather than one: the bound must hold for each, not for a seed
     # that happens to suit it. A 4-standard-error bound fails by chance with probability ~6e-5 per seed; 400
-    # probes put the standard error at 3-6% of these traces.
+    # probes put the standard error at 3-6% of these traces (2 seeds: each costs ~20 s on 2 cores).
     model, data = small_net(seed), batches(seed)
     exact = exact_trace(model, data)
     estimate = hutchinson_trace(model, data, probes=400, seed=seed)

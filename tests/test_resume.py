@@ -49,15 +49,13 @@ def uninterrupted(tmp_path_factory):
 
 
 # (method, command line, kill after step, the checkpoint it resumes from). Every method; spaced at several points
-# around a replay; spaced-self likewise; compiled steps (one case: each compiled process takes ~30 s on 2 cores);
+# around a replay; spaced-self inside one; compiled steps (one case: each compiled process takes ~30 s on 2 cores);
 # both file loaders; --save-every between boundaries.
 CASES = {
     "spaced-before-replay": ("spaced", RUN, 13, 10),
     "spaced-inside-replay": ("spaced", RUN, 18, 15),
     "spaced-right-after-replay": ("spaced", RUN, 21, 20),
-    "spaced-self-before-replay": ("spaced-self", RUN, 13, 10),
     "spaced-self-inside-replay": ("spaced-self", RUN, 18, 15),
-    "spaced-self-right-after-replay": ("spaced-self", RUN, 21, 20),
     "baseline": ("baseline", PLAIN, 11, 8),
     "online-between-teacher-and-student": ("online", PLAIN, 21, 20),
     "offline-student-phase": ("offline", PLAIN, 19, 16),
