@@ -11,7 +11,7 @@ import torch
 from fastkd.data import DatasetInfo
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, make_sgd
-from fastkd.steps import LossSettings, StepFunctions
+from fastkd.updates import LossSettings, Updates
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -31,7 +31,7 @@ def _role():
 def test_spaced_kd_step_throughput(benchmark, variant):
     torch.manual_seed(0)
     (teacher, t_opt), (student, s_opt) = _role(), _role()
-    fns = StepFunctions(LossSettings(3.0, 0.3, 0.03), compile=variant != "eager", device=DEVICE,
+    fns = Updates(LossSettings(3.0, 0.3, 0.03), compile=variant != "eager", device=DEVICE,
                         cuda_graphs=variant == "compiled+cudagraphs")
     x = torch.randn(BATCH, 3, 64, 64, device=DEVICE)
     y = torch.randint(0, 200, (BATCH,), device=DEVICE)

@@ -64,15 +64,32 @@ PRESETS = {
 }
 
 
-def validate(cfg: Config) -> None:
-    """Raise ValueError naming the flag for any setting that cannot run."""
+def check_types(settings: dict) -> None:
+    """Raise ValueError naming the setting whose value has the wrong type (an int where a float is due is fine)."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for key, value in settings.items():
+        default = fields[key].default
+        if value is None and default is None:
+            continue
+        kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+        expected = kinds[type(default)] if default is not None else _OPTIONAL_TYPES.get(key, (str,))
+        if not isinstance(value, expected) or (bool not in expected and isinstance(value, bool)):
+            raise ValueError(f"{key} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
+
+
+_OPTIONAL_TYPES = {"interval": (int, float), "train_subset": (int,)}
+
+
+def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
+    """Raise ValueError naming the flag for any setting that cannot run. `zoo_models`: the roles given by name
+    (checked against fastkd's models); the others are the caller's own modules."""
     from .models import MODELS, MULTI_EXIT_MODELS
 
     if cfg.method not in METHODS:
         raise ValueError(f"--method {cfg.method!r} is unknown; choose from {', '.join(METHODS)}")
     models = MULTI_EXIT_MODELS if cfg.method in ("self", "spaced-self") else MODELS
     for flag, name in (("--teacher", cfg.teacher), ("--student", cfg.student)):
-        if name not in models:
+        if flag[2:] in zoo_models and name not in models:
             raise ValueError(f"{flag} {name!r} is unknown for --method {cfg.method}; choose from {', '.join(models)}")
     if cfg.interval is not None and not (math.isfinite(cfg.interval) and cfg.interval > 0):
         raise ValueError(f"--interval must be a finite number > 0, got {cfg.interval}")
@@ -93,5 +110,9 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--lr-schedule must be cosine or constant, got {cfg.lr_schedule!r}")
     if cfg.loader not in ("auto", "dali", "torch"):
         raise ValueError(f"--loader must be auto, dali or torch, got {cfg.loader!r}")
+    if cfg.train_subset is not None and cfg.train_subset < 1:
+        raise ValueError(f"--train-subset must be >= 1, got {cfg.train_subset}")
+    if cfg.eval_batch_size < 1:
+        raise ValueError(f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise ValueError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")

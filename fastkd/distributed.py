@@ -1,19 +1,20 @@
-"""Data-parallel training under torchrun: the process group, the model wrapping, and the few collectives the engine
-needs (gradient averaging inside a compiled step, rank 0's BatchNorm buffers, reduced counts, gathered batches).
+"""Data-parallel training under torchrun, as one object: `DataParallel` wraps the models, averages gradients (eagerly
+or inside a compiled step), syncs BatchNorm buffers and reduces metrics. The single process is its trivial case, in
+which every method is the identity.
 
 A process started by torchrun (RANK and WORLD_SIZE set) joins a process group: NCCL on GPUs, gloo on CPU, even when
-it is the only rank, so that a 1-process torchrun exercises the same path. Otherwise `World` is the single process
-and every collective here is the identity.
+it is the only rank, so that a 1-process torchrun exercises the same path.
 
 Gradients are averaged over ranks in one of two ways, with the same arithmetic:
 - eager steps: each model is wrapped in DistributedDataParallel, whose reducer all-reduces gradient buckets from
   autograd hooks while the backward runs;
-- compiled steps: the reducer's hooks cannot live inside a whole-step graph, so the step averages the gradients
-  itself with one coalesced functional all-reduce that the compiler places in the graph (`average_gradients`).
+- compiled steps (`average_in_graph`): the reducer's hooks cannot live inside a whole-step graph, so the step
+  averages the gradients itself with one coalesced functional all-reduce that the compiler places in the graph.
 BatchNorm buffers are not broadcast at every forward (DDP's default); they are copied from rank 0 at every
 checkpoint point (epoch ends and replay boundaries, so the teacher's replay targets agree on all ranks) and before
 every evaluation: rank 0's statistics, as with DDP's broadcast, without a collective per step.
 """
+import dataclasses
 import hashlib
 import inspect
 import os
@@ -24,15 +25,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_CPU_GROUP = None  # set by join()
+_CPU_GROUP = None  # host-side collectives (indices, flags, hashes): gloo, also when the main backend is NCCL
 
 
 @dataclass(frozen=True)
-class World:
+class DataParallel:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
     launched: bool = False  # started by torchrun: a process group exists
+    average_in_graph: bool = False  # compiled steps average their own gradients; eager ones go through DDP
 
     @property
     def is_main(self) -> bool:
@@ -51,21 +53,105 @@ class World:
                              f"cuda (rank k takes cuda:LOCAL_RANK)")
         return torch.device(name)
 
+    def for_steps(self, compiled: bool) -> "DataParallel":
+        """This object as the steps of a run see it: compiled data-parallel steps average in their graph."""
+        return dataclasses.replace(self, average_in_graph=compiled and self.launched)
 
-SINGLE_PROCESS = World()
+    # ---- models -----------------------------------------------------------------------------------------------
+
+    def wrap(self, model: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
+        """What the steps call: DistributedDataParallel around `model` for eager data-parallel steps, else the
+        model itself (with rank 0's weights when the step averages in its graph).
+
+        `find_unused`: a multi-exit net's advance step leaves its shallow heads out of the loss.
+        """
+        if not self.launched:
+            return model
+        if self.average_in_graph:
+            self._from_rank0([*model.parameters(), *model.buffers()])  # what DDP does when it wraps a model
+            return model
+        ddp = nn.parallel.DistributedDataParallel
+        # No buffer broadcast at every forward (see above); newer torch names that switch forward_sync_buffers.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                   else {"broadcast_buffers": False})
+        # A conv weight with one input channel has two valid stride layouts; DDP warns, once per rank, that its
+        # gradient's differs from the bucket's. Harmless (a copy), so not shown.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        return ddp(model, device_ids=[device.index] if device.type == "cuda" else None,
+                   find_unused_parameters=find_unused, **no_sync)
+
+    def average_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Inside a compiled step: average every gradient over the ranks with one coalesced all-reduce. A no-op
+        for a single process and for eager steps (DDP's reducer has averaged them during the backward)."""
+        if not self.average_in_graph:
+            return
+        import torch.distributed._functional_collectives as funcol
+
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                if not params:
+                    continue
+                summed = funcol.all_reduce_coalesced([p.grad for p in params], "sum", dist.group.WORLD)
+                for p, g in zip(params, summed):
+                    p.grad = g / self.size
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Rank 0's BatchNorm running statistics on every rank (at checkpoint points and before evaluations)."""
+        self._from_rank0(model.buffers())
+
+    def _from_rank0(self, tensors) -> None:
+        if self.launched:
+            with torch.no_grad():
+                for tensor in tensors:
+                    dist.broadcast(tensor, 0)
+
+    # ---- metrics and host-side agreement --------------------------------------------------------------------
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.launched:
+            dist.all_reduce(values)
+        return values
+
+    def any_rank(self, flag: int) -> int:
+        """The largest of every rank's `flag` (0 where none is set)."""
+        if not self.launched:
+            return flag
+        value = torch.tensor([flag], dtype=torch.int64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
+        return int(value)
+
+    def gather_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """Every rank's share of a global batch, concatenated in rank order: the global batch itself."""
+        if not self.launched or self.size == 1:
+            return indices
+        shares = [torch.empty_like(indices) for _ in range(self.size)]
+        dist.all_gather(shares, indices, group=_CPU_GROUP)
+        return torch.cat(shares)
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj` (small, picklable), in rank order."""
+        if not self.launched:
+            return [obj]
+        everyone = [None] * self.size
+        dist.all_gather_object(everyone, obj, group=_CPU_GROUP)
+        return everyone
+
+
+SINGLE_PROCESS = DataParallel()
 
 
 def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def join(device_name: str) -> tuple[World, torch.device]:
+def join(device_name: str) -> tuple[DataParallel, torch.device]:
     """This process's place in the run and its device; joins the process group when started by torchrun."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return SINGLE_PROCESS, SINGLE_PROCESS.device(device_name)
-    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
-                  launched=True)
-    device = world.device(device_name)
+    parallel = DataParallel(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                            int(os.environ.get("LOCAL_RANK", "0")), launched=True)
+    device = parallel.device(device_name)
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -73,102 +159,18 @@ def join(device_name: str) -> tuple[World, torch.device]:
         else:
             dist.init_process_group("gloo")
     global _CPU_GROUP
-    # Host-side collectives (indices, flags, hashes) go through gloo, also when the main backend is NCCL.
     _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-    return world, device
+    return parallel, device
 
 
-def leave(world: World) -> None:
+def leave(parallel: DataParallel) -> None:
     global _CPU_GROUP
-    if world.launched and dist.is_initialized():
+    if parallel.launched and dist.is_initialized():
         dist.destroy_process_group()
     _CPU_GROUP = None
-
-
-def wrap(model: nn.Module, world: World, device: torch.device, find_unused: bool) -> nn.Module:
-    """The model DistributedDataParallel steps through (eager steps), or the model itself outside torchrun.
-
-    `find_unused`: a multi-exit net's advance step leaves its shallow heads out of the loss.
-    """
-    if not world.launched:
-        return model
-    ddp = nn.parallel.DistributedDataParallel
-    # No buffer broadcast at every forward (see above); newer torch names that switch forward_sync_buffers.
-    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-               else {"broadcast_buffers": False})
-    # A conv weight with one input channel has two valid stride layouts; DDP warns, once per rank, that its
-    # gradient's differs from the bucket's. Harmless (a copy), so not shown.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused,
-               **no_sync)
-
-
-def _from_rank0(tensors, world: World) -> None:
-    if world.launched:
-        with torch.no_grad():
-            for tensor in tensors:
-                dist.broadcast(tensor, 0)
-
-
-def broadcast_module(model: nn.Module, world: World) -> None:
-    """Rank 0's parameters and buffers on every rank (what DDP does when it wraps a model)."""
-    _from_rank0([*model.parameters(), *model.buffers()], world)
-
-
-def sync_buffers(model: nn.Module, world: World) -> None:
-    """Rank 0's BatchNorm running statistics on every rank (at checkpoint points and before evaluations)."""
-    _from_rank0(model.buffers(), world)
-
-
-def average_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Average every gradient over the ranks with one coalesced all-reduce; traceable into a compiled step."""
-    import torch.distributed._functional_collectives as funcol
-
-    world_size = dist.get_world_size()
-    with torch.no_grad():
-        for group in optimizer.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            summed = funcol.all_reduce_coalesced([p.grad for p in params], "sum", dist.group.WORLD)
-            for p, g in zip(params, summed):
-                p.grad = g / world_size
-
-
-def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
-    if world.launched:
-        dist.all_reduce(values)
-    return values
-
-
-def any_rank(flag: int, world: World) -> int:
-    """The largest of every rank's `flag` (0 where none is set)."""
-    if not world.launched:
-        return flag
-    value = torch.tensor([flag], dtype=torch.int64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
-    return int(value)
-
-
-def gather_batch(indices: torch.Tensor, world: World) -> torch.Tensor:
-    """Every rank's share of a global batch, concatenated in rank order: the global batch itself."""
-    if not world.launched or world.size == 1:
-        return indices
-    shares = [torch.empty_like(indices) for _ in range(world.size)]
-    dist.all_gather(shares, indices, group=_CPU_GROUP)
-    return torch.cat(shares)
 
 
 def fingerprint(model: nn.Module) -> str:
     """A hash of the parameters' exact bytes: data-parallel ranks must agree bit for bit."""
     flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
-
-
-def gather_objects(obj, world: World) -> list:
-    """Every rank's `obj` (small, picklable), in rank order."""
-    if not world.launched:
-        return [obj]
-    everyone = [None] * world.size
-    dist.all_gather_object(everyone, obj, group=_CPU_GROUP)
-    return everyone

@@ -38,7 +38,7 @@ def interval_batches(interval: float, batches_per_epoch: int) -> int:
     return max(1, int(interval * batches_per_epoch))
 
 
-def steps(method: str, epochs: int, batches_per_epoch: int, interval: Optional[float] = None,
+def plan_steps(method: str, epochs: int, batches_per_epoch: int, interval: Optional[float] = None,
           replay_leftover: bool = True) -> Iterator[Step]:
     total = epochs * batches_per_epoch
     if method == "baseline":

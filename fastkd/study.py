@@ -20,7 +20,9 @@ from .analysis.plot import BarChart, Line, LineChart, save_figure
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import Config, validate
 from .data import make_batches
-from .engine import Interrupted, resolve_device, train
+from .api import fit
+from .distributed import SINGLE_PROCESS
+from .engine import Interrupted
 from .models import build_model
 from .schedule import METHODS, SELF_METHODS
 
@@ -126,11 +128,11 @@ def train_run(cfg: Config, run_dir: Path) -> str:
     if (run_dir / CHECKPOINT).is_file():
         state = load_checkpoint(run_dir)
         _check_same(run_dir, state["config"], cfg)
-        train(cfg, run_dir, quiet=True, resume=state)
+        fit(**cfg.to_dict(), out=run_dir, quiet=True, resume=True)
         return f"resumed after step {state['done']}"
     if run_dir.exists():  # started but killed before its first checkpoint: nothing to keep
         shutil.rmtree(run_dir)
-    train(cfg, run_dir, quiet=True)
+    fit(**cfg.to_dict(), out=run_dir, quiet=True)
     return "trained"
 
 
@@ -158,7 +160,7 @@ def analysis_batches(cfg: Config, device: torch.device, samples: int) -> tuple[l
 
 
 def analyse_run(cfg: Config, run_dir: Path, args) -> dict:
-    device = resolve_device(cfg.device)
+    device = SINGLE_PROCESS.device(cfg.device)
     batches, info = analysis_batches(cfg, device, args.analysis_samples)
     student = build_model(cfg.student, info, multi_exit=cfg.method in SELF_METHODS).to(device)
     student.load_state_dict(torch.load(run_dir / "student.pt", map_location=device, weights_only=True))

@@ -1,22 +1,20 @@
 """python -m fastkd.train: train with baseline, online, spaced, offline, self or spaced-self KD.
 
-Bad input ends with one line on stderr naming the problem and exit code 2; nothing is written before the
-configuration has been checked.
+A thin layer over `fastkd.fit`: the flags given are passed to it as settings. Bad input ends with one line on stderr
+naming the problem and exit code 2; nothing is written before the configuration has been checked.
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
+from .api import DEFAULTS, RESUME_MAY_CHANGE, SETTINGS, default_out, fit
 from .checkpoint import load_checkpoint
-from .distributed import rank_from_env
-from .engine import Interrupted, train
-from .config import PRESETS, Config, validate
+from .config import PRESETS
 from .data import DATASETS
+from .distributed import rank_from_env
+from .engine import Interrupted
 from .models import MODELS
 from .schedule import METHODS
-
-DEFAULTS = Config()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,35 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-RESUME_MAY_CHANGE = {"epochs"}
-
-
 def explicit_settings(argv) -> dict:
     """The configuration keys set on the command line: the arguments parsed again with every default None."""
     parser = build_parser()
     parser.set_defaults(**{action.dest: None for action in parser._actions})
-    known = DEFAULTS.to_dict()
-    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k in known}
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k in SETTINGS}
 
 
-def config_from_args(argv) -> Config:
-    """Defaults, then the preset, then every flag given explicitly."""
-    values = DEFAULTS.to_dict()
-    explicit = explicit_settings(argv)
-    if explicit.get("preset"):
-        values.update(PRESETS[explicit["preset"]])
-    values.update(explicit)
-    return Config(**values).resolve_defaults()
-
-
-def resumed_config(argv, saved: dict) -> Config:
+def resumed_settings(argv, saved: dict) -> dict:
     """The saved configuration; explicit flags must agree with it, except the few that may change on resume."""
     explicit = explicit_settings(argv)
     differing = sorted(k for k, v in explicit.items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
     if differing:
         raise ValueError(f"--resume: these settings differ from the saved run: {', '.join(differing)} "
                          f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
-    return Config(**{**saved, **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE}})
+    return {**{k: saved[k] for k in SETTINGS if k in saved},
+            **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE}}
 
 
 def main(argv=None) -> int:
@@ -110,17 +95,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     main_rank = rank_from_env() == 0
     try:
-        state = None
         if args.resume:
-            state = load_checkpoint(Path(args.resume))
-            cfg, out = resumed_config(argv, state["config"]), Path(args.resume)
+            settings = resumed_settings(argv, load_checkpoint(Path(args.resume))["config"])
+            out = args.resume
         else:
-            cfg = config_from_args(argv)
-            out = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
-        validate(cfg)
-        if args.save_every is not None and args.save_every < 1:
-            raise ValueError(f"--save-every must be >= 1, got {args.save_every}")
-        summary = train(cfg, out, trace_path=args.trace, quiet=args.quiet, resume=state, save_every=args.save_every)
+            settings = explicit_settings(argv)
+            out = args.out or default_out(settings.get("method", DEFAULTS.method))
+        summary = fit(**settings, out=out, trace=args.trace, quiet=args.quiet, resume=bool(args.resume),
+                      save_every=args.save_every)
     except ValueError as e:
         if main_rank:  # under torchrun every rank meets the same error: rank 0 says it once
             print(f"fastkd.train: error: {e}", file=sys.stderr)
@@ -132,8 +114,9 @@ def main(argv=None) -> int:
     if not main_rank:
         return 0
     teacher = "n/a" if summary["teacher_top1"] is None else f"{summary['teacher_top1']:.2f}%"
-    print(f"fastkd {cfg.method}: teacher top-1 {teacher} | student top-1 {summary['student_top1']:.2f}% | "
-          f"wall {summary['wall_s']:.1f} s | {summary['images_per_s']:.0f} images/s | {out}")
+    print(f"fastkd {settings.get('method', DEFAULTS.method)}: teacher top-1 {teacher} | student top-1 "
+          f"{summary['student_top1']:.2f}% | wall {summary['wall_s']:.1f} s | {summary['images_per_s']:.0f} images/s"
+          f" | {out}")
     return 0
 
 

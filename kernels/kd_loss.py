@@ -119,7 +119,11 @@ def _cpu_rows_and_grad(s, t, target, *args):
     target = target.detach() if target is not None else None
     for x in (s, t) if target is None else (s, t, target):
         torch._dynamo.maybe_mark_dynamic(x, 0)
-    return _compiled_analytic(s, t, target, *args)
+    # The op's implementation is reached with ADInplaceOrView excluded from the dispatch keys (below its autograd
+    # kernel) or included (inside an enclosing compiled graph); the compiled kernel's guards see the difference and
+    # would compile it twice. It needs no view tracking, so it always runs below that key.
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        return _compiled_analytic(s, t, target, *args)
 
 
 # --------------------------------------------------------------------------------------------------------------------

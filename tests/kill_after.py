@@ -9,7 +9,7 @@ from fastkd import engine, train
 
 
 def kill_after(n: int) -> None:
-    run_step, count = engine._run_step, 0
+    run_step, count = engine.run_step, 0
 
     def counting_run_step(*args, **kwargs):
         nonlocal count
@@ -19,7 +19,7 @@ def kill_after(n: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
-    engine._run_step = counting_run_step
+    engine.run_step = counting_run_step
 
 
 if __name__ == "__main__":

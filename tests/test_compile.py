@@ -1,50 +1,49 @@
 """--compile: every step kind compiles whole (fullgraph: a graph break would raise), computes what the eager step
-computes, and compiles exactly once over a multi-epoch run with a per-step lr schedule (no recompiles)."""
+computes, and compiles exactly once over a multi-epoch run with a per-step lr schedule: no recompiles, checked with
+torch.compiler.set_stance("fail_on_recompile")."""
 import copy
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastkd import engine
+import fastkd
 from fastkd.config import Config
 from fastkd.data.registry import load_synthetic
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, make_sgd, set_lr
-from fastkd.steps import LossSettings, StepFunctions
+from fastkd.updates import LossSettings, Updates
 
 # The engine runs of the two spaced methods cover four of the five kinds (online's distill_live compiles like
 # distill; its one-step test is below), with teacher eval/train switches, evaluations and lr changes in between.
 KINDS = {"spaced": ("ce", "distill"), "spaced-self": ("advance", "self_distill")}
 
 
-def run(method: str, out: Path) -> StepFunctions:
-    holder = {}
-    real = engine.StepFunctions
-
-    class Recording(real):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            holder["fns"] = self
-
-    engine.StepFunctions = Recording
-    try:
-        cfg = Config(method=method, interval=0.5 if method != "online" else None, dataset="synthetic", epochs=2,
-                     batch_size=32, teacher="tiny", student="tiny", lr=0.05, device="cpu", compile=True)
-        engine.train(cfg, out, quiet=True)
-    finally:
-        engine.StepFunctions = real
-    return holder["fns"]
+def run(method: str, out: Path) -> None:
+    cfg = Config(method=method, interval=0.5 if method != "online" else None, dataset="synthetic", epochs=2,
+                 batch_size=32, teacher="tiny", student="tiny", lr=0.05, device="cpu", compile=True)
+    fastkd.fit(**cfg.to_dict(), out=out, quiet=True)
 
 
 @pytest.mark.parametrize("method", list(KINDS))
-def test_each_step_kind_compiles_once_over_a_multi_epoch_run(tmp_path, method):
+def test_each_step_kind_compiles_once_over_a_multi_epoch_run(tmp_path, method, monkeypatch):
+    """8 batches per epoch, 2 epochs, evaluations in between, cosine lr changing every step: every call of a step
+    kind after its first runs under the "fail_on_recompile" stance, so any recompile (of a step graph, or of
+    kd_loss's compiled CPU kernel inside it) is an error naming its guard. Batch 32 as in test_resume's compiled run,
+    whose processes then find these graphs in the inductor cache."""
     torch._dynamo.reset()
-    fns = run(method, tmp_path / "compiled")
-    used = {kind: n for kind, n in fns.compiles.items() if n}
-    # 8 batches per epoch, 2 epochs, evaluations in between, cosine lr changing every step: one graph per step kind.
-    # (Batch 32 as in test_resume's compiled run, whose processes then find these graphs in the inductor cache.)
-    assert used == {kind: 1 for kind in KINDS[method]}, used
+    real_call, calls = Updates.__call__, {}
+
+    def strict_call(self, kind, *args):
+        calls[kind] = calls.get(kind, 0) + 1
+        if calls[kind] == 1:
+            return real_call(self, kind, *args)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return real_call(self, kind, *args)
+
+    monkeypatch.setattr(Updates, "__call__", strict_call)
+    run(method, tmp_path / "compiled")
+    assert set(calls) == set(KINDS[method]) and min(calls.values()) > 8, calls
 
 
 def _step_inputs(kind: str, seed: int):
@@ -64,7 +63,7 @@ def _step_inputs(kind: str, seed: int):
     return model, optimizer, x, y, extra
 
 
-def _call(fns: StepFunctions, kind: str, model, optimizer, x, y, extra):
+def _call(fns: Updates, kind: str, model, optimizer, x, y, extra):
     if kind == "distill":  # (student, teacher, optimizer, x, y)
         return fns(kind, model, extra[0], optimizer, x, y)
     return fns(kind, model, optimizer, x, y, *extra)
@@ -84,8 +83,8 @@ def test_compiled_step_computes_the_eager_step_in_float64(kind):
     init_momentum(eager[1])
     if kind == "distill":
         eager = (*eager[:4], (copy.deepcopy(compiled[4][0]),))
-    loss_c = _call(StepFunctions(settings, True, torch.device("cpu")), kind, *compiled)[0]
-    loss_e = _call(StepFunctions(settings, False, torch.device("cpu")), kind, *eager)[0]
+    loss_c = _call(Updates(settings, True, torch.device("cpu")), kind, *compiled)[0]
+    loss_e = _call(Updates(settings, False, torch.device("cpu")), kind, *eager)[0]
     # float64 rounding (2^-53) grows with the reordered sums of a few thousand terms: 1e-10 of the scale is far
     # above it, and far below any real difference (a dropped or mis-scaled term changes these at 1e-3 and up).
     assert abs(float(loss_c) - float(loss_e)) <= 1e-10 * abs(float(loss_e)), (float(loss_c), float(loss_e))
@@ -101,9 +100,10 @@ def test_compiled_step_computes_the_eager_step_in_float64(kind):
 
 def test_compiled_step_does_not_recompile_when_the_lr_changes():
     torch._dynamo.reset()
-    fns = StepFunctions(LossSettings(3.0, 0.3, 0.03), True, torch.device("cpu"))
+    fns = Updates(LossSettings(3.0, 0.3, 0.03), True, torch.device("cpu"))
     model, optimizer, x, y, extra = _step_inputs("distill", seed=3)
-    for step in range(6):
-        set_lr(optimizer, 0.05 / (step + 1))
-        _call(fns, "distill", model, optimizer, x, y, extra)
-    assert fns.compiles["distill"] == 1
+    _call(fns, "distill", model, optimizer, x, y, extra)  # compiles
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for step in range(1, 6):
+            set_lr(optimizer, 0.05 / (step + 1))
+            _call(fns, "distill", model, optimizer, x, y, extra)

@@ -12,7 +12,7 @@ from fastkd.data import make_batches
 from fastkd.data import loaders as loaders_module
 from fastkd.data import registry
 from fastkd.data.synth import write
-from fastkd.schedule import steps
+from fastkd.schedule import plan_steps
 from fastkd.train import main
 
 CPU = torch.device("cpu")
@@ -25,7 +25,7 @@ def tiny_imagenet(tmp_path_factory):
 
 
 def plan_identities(per_epoch, method="spaced", epochs=3, interval=0.7):
-    plan = list(steps(method, epochs, per_epoch, interval))
+    plan = list(plan_steps(method, epochs, per_epoch, interval))
     return [divmod(s.batch, per_epoch) for i, s in enumerate(plan) if i == 0 or plan[i - 1].batch != s.batch]
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fastkd import train as train_cli
-from fastkd.engine import _checkpoint_due
-from fastkd.schedule import steps
+from fastkd.checkpoint import checkpoint_due
+from fastkd.schedule import plan_steps
 
 # 256 samples in global batches of 64: 4 batches per epoch, 32 samples per rank.
 RUN = ["--teacher", "tiny", "--student", "tiny", "--train-subset", "256", "--batch-size", "64", "--epochs", "2",
@@ -98,9 +98,9 @@ def test_sigterm_to_torchrun_saves_at_the_next_boundary_and_stops(tmp_path):
     assert proc.returncode != 0
     assert sum("fastkd.train: stopped by SIGTERM" in line for line in stderr.splitlines()) == 1, stderr[-3000:]
     done = torch.load(run / "checkpoint.pt", weights_only=True)["done"]
-    plan = list(steps("spaced", 200, 4, 1.5))
+    plan = list(plan_steps("spaced", 200, 4, 1.5))
     assert done < len(plan)  # stopped early, at a regular checkpoint (epoch end or replay boundary)
-    assert _checkpoint_due(plan, done, 4, save_every=None, forced=False)
+    assert checkpoint_due(plan, done, 4, save_every=None, forced=False)
 
 
 # BatchNorm-free nets: a step's arithmetic does not depend on how the batch is split, only float summation order.

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastkd
 from fastkd import engine
-from fastkd import steps as steps_module
+from fastkd import updates as updates_module
 from fastkd.config import Config
 from fastkd.data import TensorBatches, load_dataset
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, lr_at, make_sgd, set_lr, sgd_update
-from fastkd.steps import LossSettings, ce_step, replay_step, soft_loss
+from fastkd.updates import LossSettings, ce_step, replay_step, soft_loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ def _spaced_run(out_dir, **overrides) -> dict:
     cfg = Config(method="spaced", dataset="synthetic", teacher="tiny", student="tiny", device="cpu", epochs=1,
                  batch_size=32, interval=0.5, temperature=T, alpha=ALPHA, **overrides).resolve_defaults()
     replays, soft_calls = [], []
-    real_run_step, real_soft_loss = engine._run_step, steps_module.soft_loss
+    real_run_step, real_soft_loss = engine.run_step, updates_module.soft_loss
 
     def recording_run_step(step, role, roles, fns, batch, live_logits, cfg):
         if step.kind != "distill":
@@ -145,9 +146,9 @@ def _spaced_run(out_dir, **overrides) -> dict:
         return real_soft_loss(student_logits, teacher_logits, y, settings)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine, "_run_step", recording_run_step)
-        mp.setattr(steps_module, "soft_loss", recording_soft_loss)
-        engine.train(cfg, out_dir, quiet=True)
+        mp.setattr(engine, "run_step", recording_run_step)
+        mp.setattr(updates_module, "soft_loss", recording_soft_loss)
+        fastkd.fit(**cfg.to_dict(), out=out_dir, quiet=True)
     assert [r["batch"] for r in replays] == list(range(8)), "the schedule no longer replays as this test assumes"
     return dict(replays=replays)
 

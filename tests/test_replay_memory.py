@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import fastkd
 from fastkd import engine
 from fastkd.config import Config
 from fastkd.data.synth import write
@@ -21,7 +22,7 @@ def live_image_bytes(shape):
 
 def peak_image_bytes(tmp_path, interval, monkeypatch):
     peak, last_role = 0, None
-    real_run_step = engine._run_step
+    real_run_step = engine.run_step
 
     def measuring_run_step(step, role, roles, fns, batch, live_logits, cfg):
         # A buffer would be fullest when the roles switch (just before a replay starts): measure there.
@@ -31,12 +32,12 @@ def peak_image_bytes(tmp_path, interval, monkeypatch):
         last_role = step.role
         return real_run_step(step, role, roles, fns, batch, live_logits, cfg)
 
-    monkeypatch.setattr(engine, "_run_step", measuring_run_step)
+    monkeypatch.setattr(engine, "run_step", measuring_run_step)
     gc.collect()
     already_live = live_image_bytes((64, 3, 8, 8))  # left over by earlier tests in this process
     cfg = Config(method="spaced", interval=interval, dataset="synthetic", epochs=5, batch_size=64, teacher="tiny",
                  student="tiny", device="cpu")
-    summary = engine.train(cfg, tmp_path / f"s{interval}", quiet=True)
+    summary = fastkd.fit(**cfg.to_dict(), out=tmp_path / f"s{interval}", quiet=True)
     assert summary["steps"] == 2 * 5 * 4
     return peak - already_live
 
@@ -59,11 +60,11 @@ from fastkd import engine
 from fastkd.train import main
 if sys.argv[1] == "hoard":  # a control: keep every batch the loader yields, as a replay buffer would
     kept = []
-    real_run_step = engine._run_step
+    real_run_step = engine.run_step
     def hoarding_run_step(step, role, roles, fns, batch, *rest):
         kept.append(batch.x.clone())
         return real_run_step(step, role, roles, fns, batch, *rest)
-    engine._run_step = hoarding_run_step
+    engine.run_step = hoarding_run_step
 assert main(sys.argv[2:]) == 0
 print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -136,7 +136,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     from fastkd import engine
 
-    real_run_step = engine._run_step
+    real_run_step = engine.run_step
     calls = []
 
     def poisoned(step, *args):
@@ -146,7 +146,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
             loss, terms = loss * float("inf"), terms * torch.tensor([1.0, float("inf"), 1.0, 1.0])
         return loss, terms, logits
 
-    monkeypatch.setattr(engine, "_run_step", poisoned)
+    monkeypatch.setattr(engine, "run_step", poisoned)
     out = tmp_path / "run"
     assert main(["--method", "spaced", *RUN, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,7 +1,7 @@
 """The spacing schedule of every method, checked from the step log alone (as --trace writes it)."""
 import pytest
 
-from fastkd.schedule import METHODS, interval_batches, steps
+from fastkd.schedule import METHODS, interval_batches, plan_steps
 
 
 def expected_log(method, epochs, per_epoch, interval=None):
@@ -42,14 +42,14 @@ ODD_SETTINGS = [  # (epochs, batches per epoch, s)
 @pytest.mark.parametrize("method", METHODS)
 def test_schedule_matches_its_definition(method, epochs, per_epoch, interval):
     s = interval if method in ("spaced", "spaced-self") else None
-    got = [(x.role, x.batch, x.teacher_version) for x in steps(method, epochs, per_epoch, s)]
+    got = [(x.role, x.batch, x.teacher_version) for x in plan_steps(method, epochs, per_epoch, s)]
     assert got == expected_log(method, epochs, per_epoch, s)
 
 
 @pytest.mark.parametrize("epochs,per_epoch,interval", ODD_SETTINGS)
 @pytest.mark.parametrize("method", ["spaced", "spaced-self"])
 def test_each_teacher_batch_is_replayed_exactly_once_in_teacher_order(method, epochs, per_epoch, interval):
-    log = list(steps(method, epochs, per_epoch, interval))
+    log = list(plan_steps(method, epochs, per_epoch, interval))
     advanced = [x.batch for x in log if x.role == "teacher"]
     replayed = [x.batch for x in log if x.role != "teacher"]
     assert advanced == list(range(epochs * per_epoch))
@@ -64,14 +64,14 @@ def test_each_teacher_batch_is_replayed_exactly_once_in_teacher_order(method, ep
 
 
 def test_spaced_teacher_version_is_teacher_steps_taken_before_the_replay():
-    log = list(steps("spaced", 3, 7, 1.5))
+    log = list(plan_steps("spaced", 3, 7, 1.5))
     for i, x in enumerate(log):
         if x.role == "student":
             assert x.teacher_version == sum(1 for y in log[:i] if y.role == "teacher")
 
 
 def test_without_final_replay_the_last_partial_interval_is_dropped():
-    log = list(steps("spaced", 3, 7, 1.5, replay_leftover=False))  # K = 10, 21 batches: 1 left over
+    log = list(plan_steps("spaced", 3, 7, 1.5, replay_leftover=False))  # K = 10, 21 batches: 1 left over
     replayed = [x.batch for x in log if x.role == "student"]
     assert replayed == list(range(20))
 

@@ -62,7 +62,7 @@ def test_second_invocation_skips_finished_runs(smoke, capsys):
 KILLED_STUDY = """
 import os, signal, sys
 from fastkd import engine, study
-run_step, count = engine._run_step, 0
+run_step, count = engine.run_step, 0
 def counting_run_step(*args):
     global count
     result = run_step(*args)
@@ -70,7 +70,7 @@ def counting_run_step(*args):
     if count == int(sys.argv[1]):
         os.kill(os.getpid(), signal.SIGKILL)
     return result
-engine._run_step = counting_run_step
+engine.run_step = counting_run_step
 sys.exit(study.main(sys.argv[2:]))
 """
 

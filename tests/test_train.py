@@ -39,13 +39,13 @@ def test_batches_are_regenerated_bit_identically_from_their_identity():
 @pytest.mark.parametrize("method", ["spaced", "spaced-self"])
 def test_replayed_batches_equal_teacher_batches_pixel_for_pixel(tmp_path, monkeypatch, method):
     seen = {}
-    real_run_step = engine._run_step
+    real_run_step = engine.run_step
 
     def recording_run_step(step, role, roles, fns, batch, live_logits, cfg):
         seen.setdefault(step.batch, {})[step.role] = (batch.x.clone(), batch.y.clone())
         return real_run_step(step, role, roles, fns, batch, live_logits, cfg)
 
-    monkeypatch.setattr(engine, "_run_step", recording_run_step)
+    monkeypatch.setattr(engine, "run_step", recording_run_step)
     run_cli(tmp_path, "--method", method, "--interval", "0.7")
     replay_role = "student" if method == "spaced" else "self"
     assert len(seen) == 2 * (256 // 32)
@@ -100,7 +100,11 @@ def test_every_method_beats_chance_on_the_embedded_digits(tmp_path, method, caps
 
 
 def test_official_preset_sets_its_values_and_an_explicit_flag_wins():
-    from fastkd.train import config_from_args
+    from fastkd.api import config_from_settings
+    from fastkd.train import explicit_settings
+
+    def config_from_args(argv):
+        return config_from_settings(explicit_settings(argv))
 
     cfg = config_from_args(["--preset", "official", "--epochs", "3"])
     assert (cfg.lr, cfg.lr_schedule, cfg.epochs) == (0.01, "constant", 3)

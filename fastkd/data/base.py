@@ -160,3 +160,24 @@ class TensorBatches(BatchIdentities):
         for start in range(0, self.data.test_x.shape[0], batch_size):
             yield (self.data.test_x[start:start + batch_size].to(self.device),
                    self.data.test_y[start:start + batch_size].to(self.device))
+
+
+def prefetch(items: torch.utils.data.Dataset, num_workers: int, pin_memory: bool) -> Iterator:
+    """items[0], items[1], ... in order, fetched ahead in DataLoader workers (in this process if num_workers is 0).
+    A ValueError raised in a worker arrives as that one line, not wrapped in the worker's traceback. The loader's
+    own seed comes from a private generator: a DataLoader would otherwise draw it from the global one, which a
+    resumed run must find exactly as the uninterrupted run had it."""
+    if num_workers == 0:
+        yield from (items[i] for i in range(len(items)))
+        return
+    loader = torch.utils.data.DataLoader(items, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                         generator=torch.Generator().manual_seed(0))
+    iterator = iter(loader)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise ValueError(str(e).strip().splitlines()[-1].removeprefix("ValueError: ")) from None
+        yield item

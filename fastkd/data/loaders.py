@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .base import Batch, BatchIdentities
+from .base import Batch, BatchIdentities, prefetch
 from .folders import ImageFiles
 
 
@@ -106,17 +106,8 @@ class TorchFileBatches(FileBatches):
     num_workers = 2
 
     def stream(self, identities: Iterable[tuple[int, int]]) -> Iterator[Batch]:
-        loader = torch.utils.data.DataLoader(_IdentityBatchesDataset(self, list(identities)), batch_size=None,
-                                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                                             persistent_workers=False)
-        iterator = iter(loader)
-        while True:
-            try:
-                x, idx, epoch, position = next(iterator)
-            except StopIteration:
-                return
-            except Exception as e:  # a worker's error arrives wrapped in its traceback; keep its last line
-                raise ValueError(str(e).strip().splitlines()[-1].removeprefix("ValueError: ")) from None
+        items = _IdentityBatchesDataset(self, list(identities))
+        for x, idx, epoch, position in prefetch(items, self.num_workers, pin_memory=self.device.type == "cuda"):
             yield Batch(x.to(self.device, non_blocking=True), self.labels[idx].to(self.device), idx, epoch, position)
 
 

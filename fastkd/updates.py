@@ -1,5 +1,5 @@
-"""The training steps: pure functions of (models, optimizer, batch) with static shapes, the optimizer update
-inside and no host sync, so that each compiles whole and captures into a CUDA graph.
+"""The training updates, one function per step kind: pure functions of (models, optimizer, batch) with static
+shapes, the optimizer update inside and no host sync, so that each compiles whole and captures into a CUDA graph.
 
 Every soft-target loss goes through `fastkd.kernels.kd_loss`, except the official code's KL-on-probabilities
 quirk, which is reproduced as written there.
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from fastkd.kernels.kd_loss import kd_loss
 
-from .distributed import average_gradients
+from .distributed import SINGLE_PROCESS, DataParallel
 from .optim import sgd_update
 
 
@@ -60,45 +60,47 @@ def _peak(logits: Tensor) -> Tensor:
     return logits.detach().abs().amax()  # NaN and inf survive amax
 
 
-def _update(loss: Tensor, optimizer) -> Tensor:
+def _update(loss: Tensor, optimizer, parallel: DataParallel) -> Tensor:
     loss.backward()
-    if getattr(optimizer, "average_over_ranks", False):  # compiled data-parallel: no DDP hooks, see distributed
-        average_gradients(optimizer)
+    parallel.average_gradients(optimizer)  # compiled data-parallel steps only: no DDP hooks in a graph
     sgd_update(optimizer)
     return loss.detach()
 
 
-def ce_step(model: nn.Module, optimizer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def ce_step(model: nn.Module, optimizer, x: Tensor, y: Tensor,
+            parallel: DataParallel = SINGLE_PROCESS) -> tuple[Tensor, Tensor, Tensor]:
     """A cross-entropy step (the teacher advancing, or the baseline student); also returns the logits."""
     logits = model(x)
     loss = F.cross_entropy(logits, y)
-    return _update(loss, optimizer), _terms(_peak(logits), loss), logits.detach()
+    return _update(loss, optimizer, parallel), _terms(_peak(logits), loss), logits.detach()
 
 
 def distill_step(student: nn.Module, optimizer, x: Tensor, y: Tensor, teacher_logits: Tensor,
-                 cfg: LossSettings) -> tuple[Tensor, Tensor]:
+                 cfg: LossSettings, parallel: DataParallel = SINGLE_PROCESS) -> tuple[Tensor, Tensor]:
     """The student distilling from given teacher logits (online KD: those of the teacher's own step)."""
     logits = student(x)
     loss = soft_loss(logits, teacher_logits, y, cfg)
-    return _update(loss, optimizer), _terms(_peak(logits), _peak(teacher_logits), loss)
+    return _update(loss, optimizer, parallel), _terms(_peak(logits), _peak(teacher_logits), loss)
 
 
 def replay_step(student: nn.Module, teacher: nn.Module, optimizer, x: Tensor, y: Tensor,
-                cfg: LossSettings) -> tuple[Tensor, Tensor]:
+                cfg: LossSettings, parallel: DataParallel = SINGLE_PROCESS) -> tuple[Tensor, Tensor]:
     """The student replaying a batch, distilling from the teacher as it is now (its mode is set by the caller)."""
     with torch.no_grad():
         teacher_logits = teacher(x)
-    return distill_step(student, optimizer, x, y, teacher_logits, cfg)
+    return distill_step(student, optimizer, x, y, teacher_logits, cfg, parallel)
 
 
-def advance_step(net: nn.Module, optimizer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def advance_step(net: nn.Module, optimizer, x: Tensor, y: Tensor,
+                 parallel: DataParallel = SINGLE_PROCESS) -> tuple[Tensor, Tensor]:
     """The spaced-self advance: only the deepest head's cross-entropy trains."""
     logits, _ = net(x)
     loss = F.cross_entropy(logits[-1], y)
-    return _update(loss, optimizer), _terms(_peak(logits[-1]), loss)
+    return _update(loss, optimizer, parallel), _terms(_peak(logits[-1]), loss)
 
 
-def self_distill_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, cfg: LossSettings) -> tuple[Tensor, Tensor]:
+def self_distill_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, cfg: LossSettings,
+                      parallel: DataParallel = SINGLE_PROCESS) -> tuple[Tensor, Tensor]:
     """CE(deepest) + Σ_shallow [α·kd(shallow, deepest detached) + (1−α)·CE] + β·Σ_shallow ‖adapter(f) − f_deep‖₂
     (the net's forward returns the shallow features already through their adapters)."""
     logits, features = net(x)
@@ -107,49 +109,43 @@ def self_distill_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, cfg: Loss
     kd = sum(soft_loss(shallow, deep_logits, y, cfg) for shallow in logits[:-1])
     feature = cfg.beta * sum((adapted - deep_features).norm(dim=1).mean() for adapted in features[:-1])
     terms = _terms(torch.stack([_peak(h) for h in logits]).amax(), ce, kd, feature)
-    return _update(ce + kd + feature, optimizer), terms
+    return _update(ce + kd + feature, optimizer, parallel), terms
 
 
-STEPS = {"ce": ce_step, "distill_live": distill_step, "distill": replay_step, "advance": advance_step,
-         "self_distill": self_distill_step}
+UPDATES = {"ce": ce_step, "distill_live": distill_step, "distill": replay_step, "advance": advance_step,
+           "self_distill": self_distill_step}
+SOFT_TARGET_KINDS = ("distill_live", "distill", "self_distill")  # the kinds that take the LossSettings
 
 
-class StepFunctions:
-    """The step of every kind, each compiled whole (forward, loss, backward, update) when `compile` is set.
+class Updates:
+    """The update of every step kind, each compiled whole (forward, loss, backward, SGD) when `compile` is set.
 
-    Compiled steps are fullgraph: a graph break is an error, not a silent slowdown. On CUDA they are captured in
-    CUDA graphs (mode="reduce-overhead"); the caller marks each step's start and copies any output it keeps.
+    Compiled updates are fullgraph: a graph break is an error, not a silent slowdown. On CUDA they are captured in
+    CUDA graphs; the caller copies any output it keeps before the next call can overwrite it. `parallel` is the
+    run's DataParallel object as the steps see it (it averages the gradients of compiled data-parallel steps).
     """
 
-    def __init__(self, cfg: LossSettings, compile: bool, device: torch.device, cuda_graphs: Optional[bool] = None):
-        self.cfg = cfg
+    def __init__(self, cfg: LossSettings, compile: bool, device: torch.device, cuda_graphs: Optional[bool] = None,
+                 parallel: DataParallel = SINGLE_PROCESS):
+        self.cfg, self.compile, self.parallel = cfg, compile, parallel
         # CUDA graphs come with compiling on a CUDA device unless switched off (benchmarks compare both).
         self.cuda_graphs = compile and device.type == "cuda" and cuda_graphs is not False
-        self.compiles = {kind: 0 for kind in STEPS}  # graphs compiled per step kind (recompiles show up here)
         if compile:
             if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
                 raise ValueError(f"--compile needs torch >= 2.11 to trace loss.backward() into the step graph; "
                                  f"this is torch {torch.__version__}")
-            # Lets Dynamo trace loss.backward() into the step's graph instead of breaking it there.
-            torch._dynamo.config.trace_autograd_ops = True
-            self.steps = {kind: torch.compile(fn, fullgraph=True, backend=self._inductor(kind))
-                          for kind, fn in STEPS.items()}
+            self.steps = {kind: torch.compile(fn, fullgraph=True, options={"triton.cudagraphs": self.cuda_graphs})
+                          for kind, fn in UPDATES.items()}
         else:
-            self.steps = dict(STEPS)
-
-    def _inductor(self, kind):
-        """Inductor, with CUDA graphs on CUDA (what mode="reduce-overhead" sets), counting compiles per kind."""
-        from torch._inductor.compile_fx import compile_fx
-
-        def backend(graph_module, example_inputs):
-            self.compiles[kind] += 1
-            return compile_fx(graph_module, example_inputs, config_patches={"triton.cudagraphs": self.cuda_graphs})
-
-        return backend
+            self.steps = dict(UPDATES)
 
     def __call__(self, kind: str, *args):
+        if kind in SOFT_TARGET_KINDS:
+            args = (*args, self.cfg)
+        if not self.compile:
+            return self.steps[kind](*args, self.parallel)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        if kind in ("distill_live", "distill", "self_distill"):
-            args = (*args, self.cfg)
-        return self.steps[kind](*args)
+        # Lets Dynamo trace loss.backward() into the step's graph instead of breaking it there; scoped to the call.
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return self.steps[kind](*args, self.parallel)

@@ -1,0 +1,228 @@
+"""`fastkd.fit`: spaced (and every other) KD on your own models and datasets, or on fastkd's by name.
+
+The command line (`python -m fastkd.train`) is a thin layer over this function: one code path.
+"""
+import dataclasses
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import engine
+from .checkpoint import load_checkpoint
+from .config import PRESETS, Config, check_types, validate
+from .data import make_batches
+from .data.user import DatasetBatches, describe_dataset
+from .distributed import DataParallel, join, leave
+from .models import build_model
+from .schedule import SELF_METHODS
+
+DEFAULTS = Config()
+SETTINGS = tuple(DEFAULTS.to_dict())
+RESUME_MAY_CHANGE = {"epochs"}
+USER = "python:"  # config.json's name for a model or dataset passed as an object: "python:<class name>"
+
+
+def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = None,
+        student: Union[nn.Module, str, None] = None, train_data=None, test_data=None, *,
+        out: Union[str, Path, None] = None, trace: Optional[str] = None, resume: bool = False,
+        check_replay: bool = False, save_every: Optional[int] = None, quiet: bool = False, num_workers: int = 2,
+        **settings) -> dict:
+    """Train `student` (and `teacher`) with `method`; returns the run's summary (the last line of metrics.jsonl).
+
+    teacher, student: an nn.Module (trained in place) or a fastkd model name; None: the dataset's default model
+    (baseline and the self methods take no teacher). For self / spaced-self the student is a multi-exit network whose
+    forward returns (logits_list, features_list), deepest last, features mapped to the deepest feature's shape.
+    train_data, test_data: map-style Datasets of (image tensor, int label), or train_data a fastkd dataset name
+    (then test_data is None and `data_dir` / `loader` apply). settings: any `fastkd.config.Config` field (epochs,
+    batch_size, interval, compile, device, seed, lr, temperature, alpha, beta, ...). resume=True continues the run
+    in `out` exactly. check_replay=True re-fetches the first replayed batch and compares it with the teacher's.
+    """
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                         f"fastkd.fit takes the fields of fastkd.config.Config")
+    check_types(settings)
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
+        raise ValueError(f"--save-every must be >= 1, got {save_every}")
+    settings = {"method": method, **settings}
+    settings.update(_names(teacher, student, train_data, test_data, settings))
+    cfg = config_from_settings(settings)
+    validate(cfg, zoo_models=[role for role, m in (("teacher", teacher), ("student", student))
+                              if not isinstance(m, nn.Module)])
+    state = None
+    if resume:
+        if out is None:
+            raise ValueError("resume=True needs out=, the folder of the run to continue")
+        state = load_checkpoint(Path(out))
+        _check_resumable(cfg, state["config"])
+    out = Path(out if out is not None else default_out(cfg.method))
+
+    parallel, device = join(cfg.device)
+    try:
+        batches = _batches(cfg, train_data, test_data, device, parallel, num_workers)
+        models = _models(cfg, teacher, student, batches.info)
+        if any(x is not None and not isinstance(x, str) for x in (teacher, student, train_data)):
+            num_classes = check_models(cfg.method, models, batches, device)
+            batches.info = dataclasses.replace(batches.info, num_classes=num_classes)
+        return engine.train(cfg, batches, models, out, device, parallel, trace_path=trace, quiet=quiet,
+                            resume=state, save_every=save_every, check_replay=check_replay)
+    finally:
+        leave(parallel)
+
+
+def default_out(method: str) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
+
+
+def _names(teacher, student, train_data, test_data, settings: dict) -> dict:
+    """The Config names of the models and the dataset: fastkd names as given, objects as "python:<class>"."""
+    method = settings["method"]
+    names = {}
+    for role, model in (("teacher", teacher), ("student", student)):
+        if isinstance(model, nn.Module):
+            names[role] = USER + type(model).__name__
+        elif model is not None and not isinstance(model, str):
+            raise ValueError(f"{role} must be an nn.Module or a fastkd model name, got {type(model).__name__}")
+        elif model is not None:
+            names[role] = model
+    if isinstance(teacher, nn.Module) and method in ("baseline", *SELF_METHODS):
+        raise ValueError(f"method {method!r} trains no separate teacher: pass teacher=None"
+                         + (" and the multi-exit network as student=" if method in SELF_METHODS else ""))
+    if train_data is None or isinstance(train_data, str):
+        if test_data is not None:
+            raise ValueError("test_data= goes with a Dataset train_data=; a fastkd dataset name brings its own test set")
+        if train_data is not None:
+            if "dataset" in settings and settings["dataset"] != train_data:
+                raise ValueError(f"train_data={train_data!r} and dataset={settings['dataset']!r} disagree")
+            names["dataset"] = train_data
+        return names
+    if test_data is None:
+        raise ValueError(f"test_data= is required with a Dataset train_data= ({type(train_data).__name__})")
+    if "dataset" in settings:
+        raise ValueError("dataset= names a fastkd dataset; with train_data= a Dataset, leave it out")
+    for role in ("teacher", "student"):
+        if role not in names and not (role == "teacher" and method in ("baseline", *SELF_METHODS)):
+            raise ValueError(f"{role}= is required with a Dataset train_data= (an nn.Module, or a fastkd model name)")
+    names["dataset"] = USER + type(train_data).__name__
+    return names
+
+
+def config_from_settings(settings: dict) -> Config:
+    """Defaults, then the preset, then every setting given explicitly; dataset-dependent defaults filled in."""
+    values = DEFAULTS.to_dict()
+    preset = settings.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"--preset {preset!r} is unknown; choose from {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update(settings)
+    return Config(**values).resolve_defaults()
+
+
+def _check_resumable(cfg: Config, saved: dict) -> None:
+    differing = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
+    if differing:
+        raise ValueError(f"--resume: these settings differ from the saved run: {', '.join(differing)} "
+                         f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
+
+
+def _batches(cfg: Config, train_data, test_data, device, parallel: DataParallel, num_workers: int):
+    """Each rank draws its contiguous share of every global batch of cfg.batch_size samples."""
+    shard = dict(shard_id=parallel.rank, num_shards=parallel.size)
+    if not cfg.dataset.startswith(USER):
+        return make_batches(cfg.dataset, cfg.data_dir, cfg.loader, cfg.batch_size, cfg.seed, device,
+                            cfg.train_subset, **shard)
+    info = describe_dataset(train_data, "train_data")
+    describe_dataset(test_data, "test_data")
+    info = dataclasses.replace(info, test_len=len(test_data))
+    return DatasetBatches(train_data, test_data, info, cfg.batch_size, cfg.seed, device, cfg.train_subset,
+                          num_workers=num_workers, **shard)
+
+
+def _models(cfg: Config, teacher, student, info) -> dict[str, nn.Module]:
+    """The networks, built from the run seed in a fixed order (teacher, then student) where given by name."""
+    torch.manual_seed(cfg.seed)
+    multi_exit = cfg.method in SELF_METHODS
+    wanted = ("student",) if cfg.method == "baseline" or multi_exit else ("teacher", "student")
+    models = {}
+    for role, given in (("teacher", teacher), ("student", student)):
+        if role not in wanted:
+            continue
+        if isinstance(given, nn.Module):
+            models[role] = given
+            continue
+        if info.num_classes < 1:
+            raise ValueError(f"{role}={getattr(cfg, role)!r} needs the class count: give {info.name} a `classes` "
+                             f"attribute (as torchvision datasets have), or pass your own nn.Module")
+        models[role] = build_model(getattr(cfg, role), info, multi_exit=multi_exit)
+    return models
+
+
+@torch.no_grad()
+def check_models(method: str, models: dict, batches, device) -> int:
+    """Run every model once on the first training batch (eval mode, no grad: nothing changes) and check what it
+    returns against the method and the labels; returns the class count. One ValueError per problem."""
+    batch = next(iter(batches.stream([(0, 0)])))
+    x, y = batch.x, batch.y
+    widths = {}
+    for role, model in models.items():
+        name = type(model).__name__
+        was_training = model.training
+        model.to(device).eval()
+        try:
+            out = model(x)
+        except Exception as e:
+            raise ValueError(f"{role} {name} failed on a batch of shape {tuple(x.shape)} from the training data: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        finally:
+            model.train(was_training)
+        if method in SELF_METHODS:
+            widths[role] = _check_multi_exit(out, name, len(y))
+        else:
+            if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != len(y):
+                raise ValueError(f"{role} {name} returned {_describe(out)} for a batch of {len(y)}; expected logits "
+                                 f"of shape ({len(y)}, classes)")
+            widths[role] = out.shape[1]
+    if len(set(widths.values())) > 1:
+        raise ValueError(f"teacher and student disagree on the class count: {widths['teacher']} vs "
+                         f"{widths['student']} outputs")
+    classes = next(iter(widths.values()))
+    declared = batches.info.num_classes
+    if declared and declared != classes:
+        raise ValueError(f"the models output {classes} classes but {batches.info.name} has {declared} classes")
+    if int(y.max()) >= classes or int(y.min()) < 0:
+        raise ValueError(f"the models output {classes} classes but the first training batch holds label "
+                         f"{int(y.max()) if int(y.max()) >= classes else int(y.min())}; the label count and the "
+                         f"models' output width must match")
+    return classes
+
+
+def _check_multi_exit(out, name: str, n: int) -> int:
+    expected = ("a multi-exit network for self / spaced-self: forward returns (logits_list, features_list), deepest "
+                "last, features mapped to the deepest feature's shape")
+    ok = (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(o, (tuple, list)) for o in out)
+          and len(out[0]) >= 2 and len(out[0]) == len(out[1])
+          and all(isinstance(t, Tensor) for t in (*out[0], *out[1])))
+    if not ok:
+        raise ValueError(f"student {name} returned {_describe(out)}; expected {expected}")
+    logits, features = out
+    if any(t.dim() != 2 or t.shape[0] != n or t.shape != logits[-1].shape for t in logits):
+        raise ValueError(f"student {name}'s heads returned logits of shapes {[tuple(t.shape) for t in logits]}; "
+                         f"every head must give ({n}, classes)")
+    if any(f.shape != features[-1].shape or f.shape[0] != n for f in features):
+        raise ValueError(f"student {name}'s features have shapes {[tuple(f.shape) for f in features]}; every "
+                         f"feature must have the deepest feature's shape")
+    return logits[-1].shape[1]
+
+
+def _describe(out) -> str:
+    if isinstance(out, Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} ({', '.join(_describe(o) for o in out[:3])})"
+    return f"a {type(out).__name__}"

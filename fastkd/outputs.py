@@ -1,0 +1,140 @@
+"""What a run leaves behind and shows: the run folder (config.json, metrics.jsonl, state dicts), the --trace log,
+the epoch records and the progress bar. Rank 0 alone writes (`writer`)."""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .checkpoint import save_atomic
+from .schedule import Step
+
+
+class RunDirectory:
+    """--out: config.json, metrics.jsonl and the final state dicts."""
+
+    def __init__(self, path: Path, truncate_metrics_to: Optional[int] = None, writer: bool = True):
+        self.path, self.writer, self.metrics = path, writer, None
+        if not writer:
+            return
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"--out {path} is not writable: {e.strerror or e}") from None
+        self.metrics = open(path / "metrics.jsonl", "a")
+        if truncate_metrics_to is not None:  # resuming: drop records written after the checkpoint
+            self.metrics.truncate(truncate_metrics_to)
+            self.metrics.seek(0, os.SEEK_END)
+
+    def write_config(self, config: dict, info) -> None:
+        if self.writer:
+            record = {**config, "dataset_info": info.to_dict()}
+            (self.path / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    def log(self, record: dict) -> None:
+        if self.writer:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def save_model(self, name: str, model: nn.Module) -> None:
+        if self.writer:
+            save_atomic(model.state_dict(), self.path / f"{name}.pt")
+
+    def position(self) -> Optional[int]:
+        """Bytes of metrics.jsonl written so far: a checkpoint records it, a resume truncates back to it."""
+        return self.metrics.tell() if self.metrics else None
+
+    def close(self) -> None:
+        if self.writer:
+            self.metrics.close()
+
+
+class Trace:
+    """--trace: one JSON line per optimizer step, exactly as the schedule ran it."""
+
+    def __init__(self, path: Optional[str], truncate_to: Optional[int] = None):
+        if path and truncate_to is not None and Path(path).exists():  # resuming: continue after the checkpoint
+            self.file = open(path, "a")
+            self.file.truncate(truncate_to)
+            self.file.seek(0, os.SEEK_END)
+        else:
+            self.file = open(path, "w") if path else None
+
+    def write(self, step: Step, batches_per_epoch: int, samples: Tensor) -> None:
+        epoch, position = divmod(step.batch, batches_per_epoch)
+        self.file.write(json.dumps({"role": step.role, "epoch": epoch, "position": position,
+                                    "samples": samples.tolist(), "teacher_version": step.teacher_version}) + "\n")
+
+    def position(self) -> Optional[int]:
+        return self.file.tell() if self.file else None
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def epoch_record(step: Step, epoch: int, train_loss: float, lr: float, images_per_s: float,
+                 accuracy: dict) -> dict:
+    """One metrics.jsonl record: a role finished an epoch; the latest accuracies of every network."""
+    record = {"role": step.role, "epoch": epoch, "train_loss": round(train_loss, 5), "lr": lr,
+              "images_per_s": round(images_per_s, 1)}
+    for name in ("teacher", "student", "self"):
+        if name in accuracy:
+            record[f"{name}_top1"] = round(accuracy[name]["top1"], 2)
+            record[f"{name}_top5"] = round(accuracy[name]["top5"], 2)
+            if "heads_top1" in accuracy[name]:
+                record["heads_top1"] = accuracy[name]["heads_top1"]
+    return record
+
+
+def describe(record: dict) -> str:
+    parts = [f"{record['role']} epoch {record['epoch']}: loss {record['train_loss']:.4f}"]
+    for name in ("teacher", "student", "self"):
+        if f"{name}_top1" in record:
+            parts.append(f"{name} top-1 {record[f'{name}_top1']:.2f}%")
+    parts.append(f"{record['images_per_s']:.0f} img/s")
+    return ", ".join(parts)
+
+
+class Progress:
+    """A small progress bar on stderr: redrawn in place on a terminal, one line per epoch record elsewhere."""
+
+    def __init__(self, total: int, stream=sys.stderr, min_interval: float = 0.25):
+        self.total, self.stream, self.min_interval = total, stream, min_interval
+        self.start = time.perf_counter()
+        self._last_draw = 0.0
+        self.tty = stream.isatty()
+
+    def update(self, done: int, text: str = "") -> None:
+        now = time.perf_counter()
+        if not self.tty or (now - self._last_draw < self.min_interval and done < self.total):
+            return
+        self._last_draw = now
+        self.stream.write("\r" + self._line(done, text))
+        self.stream.flush()
+
+    def note(self, done: int, text: str) -> None:
+        """A line that stays (an epoch record)."""
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(self._line(done, text) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _line(self, done: int, text: str) -> str:
+        width = 30
+        filled = int(width * done / max(1, self.total))
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} steps "
+                f"{elapsed:5.0f}s eta {eta:4.0f}s {text}")
