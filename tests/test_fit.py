@@ -71,10 +71,8 @@ def test_readme_example_trace_advances_k_batches_then_replays_the_same_samples(r
 def test_readme_example_killed_in_a_replay_and_resumed_is_bit_identical(readme_run, tmp_path):
     runs, _ = readme_run
     # Steps 69–102 advance, 103–136 replay them: killed inside that replay, resumed from the boundary at 102.
-    killed = example("kill:120", tmp_path)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = example("resume", tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = example("kill:120", tmp_path)  # killed in a forked child, then resumed
+    assert resumed.returncode == 0 and resumed.stdout.startswith("killed\n"), resumed.stderr[-3000:]
     mine, full = tmp_path / "runs", runs
     assert (mine / "digits-spaced.trace").read_text() == (full / "digits-spaced.trace").read_text()
     for name in ("teacher", "student"):

@@ -34,14 +34,14 @@ def tiny_imagenet_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The uninterrupted run of a command line, run once per module and shared by every kill point."""
+    """The uninterrupted run of a command line, run once per module (in this process) and shared by every kill
+    point."""
     runs = {}
 
     def run(args):
         if tuple(args) not in runs:
             out = tmp_path_factory.mktemp("full") / "full"
-            proc = cli(*args, "--out", str(out), "--trace", str(out) + ".trace")
-            assert proc.returncode == 0, proc.stderr
+            assert main([*args, "--out", str(out), "--trace", str(out) + ".trace"]) == 0
             runs[tuple(args)] = out
         return runs[tuple(args)]
 
@@ -78,11 +78,11 @@ def test_killed_and_resumed_run_is_bit_identical(case, uninterrupted, tiny_image
     args = ["--method", method, *args]
     full = uninterrupted(args)
     out = tmp_path / "killed"
-    killed = cli(*args, "--out", str(out), "--trace", str(out) + ".trace", kill_after=kill_after)
-    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
-    assert torch.load(out / checkpoint.CHECKPOINT, weights_only=True)["done"] == resumes_from
-    resumed = cli("--resume", str(out), "--trace", str(out) + ".trace", "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
+    # SIGKILL after step `kill_after`, then --resume (one process: the kill happens in a forked child).
+    proc = cli(*args, "--out", str(out), "--trace", str(out) + ".trace", "--then", "--resume", str(out), "--trace",
+               str(out) + ".trace", "--quiet", kill_after=kill_after)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"killed; checkpoint done={resumes_from}\n" in proc.stdout, proc.stdout
     for name in ("student",) if method in ("self", "spaced-self", "baseline") else ("student", "teacher"):
         a = torch.load(full / f"{name}.pt", weights_only=True)
         b = torch.load(out / f"{name}.pt", weights_only=True)
@@ -172,8 +172,7 @@ def test_sigterm_saves_at_the_next_step_boundary_and_the_run_resumes(tmp_path):
     assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
     done = torch.load(out / checkpoint.CHECKPOINT, weights_only=True)["done"]
     assert done >= 12 and len(trace.read_text().splitlines()) == done
-    resumed = cli("--resume", str(out), "--epochs", "2", "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["--resume", str(out), "--epochs", "2", "--quiet"]) == 0
 
 
 def _fingerprint(folder):
