@@ -3,6 +3,7 @@
 Every case records its useful bytes (read s + read t + write ∂s) and, on CUDA, the peak memory beyond its inputs,
 so that `python benchmarks/report.py results.json` can print bandwidth and ratios from one run.
 Set FASTKD_BENCH_LARGE=1 on a GPU for the LLM-vocabulary shapes (16384 × 32000 and 16384 × 128256 in bf16).
+On a GPU where Liger-Kernel imports, it is a provider too (benchmarks/gpu_check.sh installs it from a carried wheel).
 """
 import os
 
@@ -29,6 +30,29 @@ PROVIDERS = {
     "torch_eager": lambda s, t, y: kd_loss_reference(s, t, y, temperature=T, alpha=ALPHA),
     "torch_compile": lambda s, t, y: _compiled_reference(s, t, y, temperature=T, alpha=ALPHA),
 }
+
+
+def _liger_provider():
+    """What a Liger-Kernel user writes for the same loss: (1 − α)·LigerCrossEntropyLoss + α·T²·LigerKLDIVLoss on the
+    log-softmaxes at T (batchmean: the mean over rows of the row KL). None where Liger or a GPU is missing."""
+    if not CUDA:
+        return None
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
+    except ImportError:
+        return None
+    ce, kl = LigerCrossEntropyLoss(), LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+    def liger(s, t, y):
+        log_p_s = torch.log_softmax(s.float() / T, dim=1)
+        log_p_t = torch.log_softmax(t.float() / T, dim=1)
+        return (1 - ALPHA) * ce(s, y) + ALPHA * T * T * kl(log_p_s, log_p_t)
+
+    return liger
+
+
+if _liger_provider() is not None:
+    PROVIDERS["liger"] = _liger_provider()
 
 
 def _sync():

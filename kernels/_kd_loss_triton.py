@@ -1,17 +1,19 @@
-"""Triton kernels for the fused KD loss.
+"""Triton kernels for the fused KD loss: one program per row.
 
-One program handles one row. It reads the student and teacher logits of that row, computes the three log-sum-exps
-it needs (student at T, teacher at T, student at 1 for the cross-entropy) and the KL numerator, writes the row's loss,
-then writes the row's gradient with respect to the student logits.
+The forward reads the row's student and teacher logits, computes the three log-sum-exps it needs (student at T,
+teacher at T, student at 1 for the cross-entropy) and the KL numerator, and writes the row's loss. Then, by mode:
+* STORE_STATS: it also writes the three log-sum-exps (12 bytes a row) for the backward kernel, which re-reads the
+  row once and writes ∂ℓ/∂s times the incoming per-row gradient. Forward + backward move 5·C elements a row at any C
+  (read s, t; read s, t, write ∂s) and nothing of size (N, C) lives between them: the generic autograd path.
+* WRITE_GRAD: it also writes ∂ℓ/∂s times a scale read from the device (the reduction's 1/N): the training engine's
+  path, whose backward returns that gradient as it is. C ≤ one block: 3·C elements, the floor (read s, t, write ∂s);
+  wider rows are streamed twice (statistics, then the gradient): 5·C.
 
-* C <= one block: the row is loaded once and kept in registers; it is read exactly once.
-* C > one block: pass 1 streams the row with online (running-max) rescaling; pass 2 re-reads it to write the
-  gradient. Bytes moved per row: 2·C·(size s + size t) read + C·size ∂s written, against the useful
-  C·(size s + size t + size ∂s). The re-read usually hits L2, since one row of a program is at most a few hundred KB.
-
+The KL is formed as Σ p_t·(t − s)/T − (m_t − m_s) − log(d_t / d_s) with m the running maxima and d the rescaled sums:
+the ratio d_t / d_s keeps the log-sum-exps' cancellation (two values near log C for a KL near 1) out of the result.
 Masked classes (-inf) are handled explicitly: a running max of -inf is replaced by 0 before subtracting, so
-exp(-inf - (-inf)) never produces NaN, and p·log p is taken as 0 where p is 0. NaN inputs are not masked and
-propagate into the loss.
+exp(-inf - (-inf)) never produces NaN, and p·log p is taken as 0 where p is 0. NaN inputs propagate into the loss.
+Gradients are stored rounded to nearest even in bfloat16 and float16, on the GPU and under the interpreter alike.
 """
 import os
 
@@ -24,6 +26,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SINGLE_BLOCK = 8192
 # Column block of the streaming path under the interpreter (tests lower both limits to exercise it on small C).
 STREAM_BLOCK = 4096
+STATS_PER_ROW = 3  # lse(s/T), lse(t/T), lse(s): the backward kernel's inputs
 
 
 @triton.jit
@@ -33,31 +36,21 @@ def _safe_max(m):
 
 
 @triton.jit
-def _store_grad_block(g_row, cols, mask, s, t, lse_s_t, lse_t_t, lse_1, y,
-                      inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET: tl.constexpr):
-    p_s = tl.exp(s * inv_t - lse_s_t)
-    p_t = tl.exp(t * inv_t - lse_t_t)
-    g = kl_grad_scale * (p_s - p_t)
-    if HAS_TARGET:
-        p_1 = tl.exp(s - lse_1)
-        g += ce_weight * (p_1 - tl.where(cols == y, 1.0, 0.0))
-    g = tl.where(keep, g, 0.0)
-    tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=mask)
+def _rounded(g, out_ptr):
+    """g (float32) in out_ptr's element type, rounded to nearest even. bfloat16 by integer rounding of the bits:
+    the interpreter's float32 → bfloat16 cast truncates, and the compiled cast rounds the same way as this."""
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = g.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(g != g, g.to(tl.bfloat16), rounded)  # NaN stays NaN
+    else:
+        return g.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit
-def kd_loss_fwd_bwd_kernel(
-    s_ptr, t_ptr, y_ptr, loss_ptr, g_ptr,
-    C, s_stride_r, s_stride_c, t_stride_r, t_stride_c,
-    inv_t, kl_loss_scale, kl_grad_scale, ce_weight, ignore_index,
-    HAS_TARGET: tl.constexpr, WRITE_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride_r
-    t_row = t_ptr + row * t_stride_r
-    g_row = g_ptr + row * C
-    NEG_INF: tl.constexpr = float("-inf")
-
+def _load_target(y_ptr, s_row, row, C, s_stride_c, ignore_index, HAS_TARGET: tl.constexpr):
+    """(y, keep, poison, s[y]) of a row; without a target every row is kept."""
     if HAS_TARGET:
         y = tl.load(y_ptr + row).to(tl.int64)
         keep = y != ignore_index
@@ -70,57 +63,115 @@ def kd_loss_fwd_bwd_kernel(
         keep = tl.full((), 1, tl.int1)
         poison = tl.full((), 0, tl.int1)
         s_y = 0.0
+    return y, keep, poison, s_y
 
+
+@triton.jit
+def _store_grad_block(g_row, cols, mask, s, t, lse_s_t, lse_t_t, lse_1, y, scale,
+                      inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET: tl.constexpr):
+    """scale · (α·T·(p_s − p_t) + (1−α)·(softmax(s) − onehot(y))) for one block of a row."""
+    p_s = tl.exp(s * inv_t - lse_s_t)
+    p_t = tl.exp(t * inv_t - lse_t_t)
+    g = kl_grad_scale * (p_s - p_t)
+    if HAS_TARGET:
+        p_1 = tl.exp(s - lse_1)
+        g += ce_weight * (p_1 - tl.where(cols == y, 1.0, 0.0))
+    g = tl.where(keep, g * scale, 0.0)
+    tl.store(g_row + cols, _rounded(g, g_row), mask=mask)
+
+
+@triton.jit
+def _weighted_excess(s, t, inv_t, m_t, shift, e_t, x):
+    """e_t·(e^(−x) − 1 + x) with x = δ − shift: a series where |x| is small (the direct form cancels there), else
+    written with e_t·e^(−x) = e^(s/T − m_t + shift), which keeps the student's mass on classes whose teacher
+    probability underflows or is 0 (a masked class: e_t·x counts as 0 there)."""
+    series = x * x * (0.5 - x * (1.0 / 6 - x * (1.0 / 24 - x * (1.0 / 120 - x * (1.0 / 720 - x / 5040)))))
+    direct = tl.exp(s * inv_t - m_t + shift) - e_t + tl.where(e_t > 0, e_t * x, 0.0)
+    return tl.where(tl.abs(x) < 0.5, e_t * series, direct)
+
+
+@triton.jit
+def _block_sums(s, t, inv_t, m_s, m_t, shift):
+    """One block's Σ e^(s/T − m_s), Σ e_t with e_t = e^(t/T − m_t), and with x = δ − shift: Σ e_t·x (0 where the
+    teacher's probability is 0) and Σ e_t·(e^(−x) − 1 + x)."""
+    e_t = tl.exp(t * inv_t - m_t)
+    x = (t - s) * inv_t - shift
+    d_s = tl.sum(tl.exp(s * inv_t - m_s), 0)
+    q = tl.sum(tl.where(e_t > 0, e_t * x, 0.0), 0)
+    p = tl.sum(_weighted_excess(s, t, inv_t, m_t, shift, e_t, x), 0)
+    return d_s, tl.sum(e_t, 0), q, p
+
+
+@triton.jit
+def _log1p(u):
+    # log(1 + u) accurate for small u (Goldberg): the rounding of 1 + u cancels in the ratio.
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+
+
+@triton.jit
+def _kl(q, p, d_s, d_t, m_s, m_t, shift):
+    """KL(p_t ‖ p_s) from the row sums. With δ = (t − s)/T, KL = E[δ] + log E[e^(−δ)] under p_t, which for any c is
+    (E[δ] − c) + log(1 + E[excess(δ − c)] − (E[δ] − c)): with c near E[δ] both terms are small and nothing cancels
+    (the plain form subtracts two log-sum-exps near log C to get a KL near 1). Where that form overflows (a student
+    logit far above the teacher's), or is not finite, the plain form."""
+    mean_offset = q / d_t
+    shifted = mean_offset + _log1p(p / d_t - mean_offset)
+    plain = mean_offset + shift - (m_t - m_s) - tl.log(d_t / d_s)
+    return tl.where((shifted == shifted) & (tl.abs(shifted) != float("inf")), shifted, plain)
+
+
+@triton.jit
+def kd_loss_fwd_kernel(
+    s_ptr, t_ptr, y_ptr, loss_ptr, stats_ptr, g_ptr, scale_ptr,
+    C, s_stride_r, s_stride_c, t_stride_r, t_stride_c,
+    inv_t, kl_loss_scale, kl_grad_scale, ce_weight, ignore_index,
+    HAS_TARGET: tl.constexpr, STORE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride_r
+    t_row = t_ptr + row * t_stride_r
+    NEG_INF: tl.constexpr = float("-inf")
+    y, keep, poison, s_y = _load_target(y_ptr, s_row, row, C, s_stride_c, ignore_index, HAS_TARGET)
+
+    # The first block (the whole row when SINGLE_BLOCK) also fixes the KL's shift: the teacher-weighted mean of
+    # δ = (t − s)/T over it (see _kl).
     cols = tl.arange(0, BLOCK)
-    if SINGLE_BLOCK:
-        mask = cols < C
-        s = tl.load(s_row + cols * s_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
-        t = tl.load(t_row + cols * t_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
-        st = s * inv_t
-        tt = t * inv_t
-        m_s = _safe_max(tl.max(st, 0))
-        m_t = _safe_max(tl.max(tt, 0))
-        d_s = tl.sum(tl.exp(st - m_s), 0)
-        e_t = tl.exp(tt - m_t)
-        d_t = tl.sum(e_t, 0)
-        # Σ e_t·(t - s)/T, with 0 where the teacher probability is 0 (masked class).
-        a = tl.sum(tl.where(e_t > 0, e_t * ((t - s) * inv_t), 0.0), 0)
-        if HAS_TARGET:
-            m_1 = _safe_max(tl.max(s, 0))
-            d_1 = tl.sum(tl.exp(s - m_1), 0)
-    else:
-        m_s = tl.full((), NEG_INF, tl.float32)
-        m_t = tl.full((), NEG_INF, tl.float32)
-        m_1 = tl.full((), NEG_INF, tl.float32)
-        d_s = tl.zeros((), tl.float32)
-        d_t = tl.zeros((), tl.float32)
-        d_1 = tl.zeros((), tl.float32)
-        a = tl.zeros((), tl.float32)
-        for start in range(0, C, BLOCK):
+    mask = cols < C
+    s = tl.load(s_row + cols * s_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
+    t = tl.load(t_row + cols * t_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
+    m_s = _safe_max(tl.max(s * inv_t, 0))
+    m_t = _safe_max(tl.max(t * inv_t, 0))
+    e_t = tl.exp(t * inv_t - m_t)
+    d_t = tl.sum(e_t, 0)
+    shift = tl.where(d_t > 0, tl.sum(tl.where(e_t > 0, e_t * ((t - s) * inv_t), 0.0), 0) / d_t, 0.0)
+    d_s, d_t, q, p = _block_sums(s, t, inv_t, m_s, m_t, shift)
+    if HAS_TARGET:
+        m_1 = _safe_max(tl.max(s, 0))
+        d_1 = tl.sum(tl.exp(s - m_1), 0)
+    if not SINGLE_BLOCK:
+        for start in range(BLOCK, C, BLOCK):
             c = start + cols
             mask = c < C
             s = tl.load(s_row + c * s_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
             t = tl.load(t_row + c * t_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
-            st = s * inv_t
-            tt = t * inv_t
-            new_s = _safe_max(tl.maximum(m_s, tl.max(st, 0)))
-            d_s = d_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(st - new_s), 0)
-            m_s = new_s
-            new_t = _safe_max(tl.maximum(m_t, tl.max(tt, 0)))
+            new_s = _safe_max(tl.maximum(m_s, tl.max(s * inv_t, 0)))
+            new_t = _safe_max(tl.maximum(m_t, tl.max(t * inv_t, 0)))
+            block_d_s, block_d_t, block_q, block_p = _block_sums(s, t, inv_t, new_s, new_t, shift)
             rescale_t = tl.exp(m_t - new_t)
-            e_t = tl.exp(tt - new_t)
-            d_t = d_t * rescale_t + tl.sum(e_t, 0)
-            a = a * rescale_t + tl.sum(tl.where(e_t > 0, e_t * ((t - s) * inv_t), 0.0), 0)
+            d_s = d_s * tl.exp(m_s - new_s) + block_d_s
+            d_t = d_t * rescale_t + block_d_t
+            q = q * rescale_t + block_q
+            p = p * rescale_t + block_p
+            m_s = new_s
             m_t = new_t
             if HAS_TARGET:
                 new_1 = _safe_max(tl.maximum(m_1, tl.max(s, 0)))
                 d_1 = d_1 * tl.exp(m_1 - new_1) + tl.sum(tl.exp(s - new_1), 0)
                 m_1 = new_1
 
-    log_d_s = tl.log(d_s)
-    log_d_t = tl.log(d_t)
-    # KL(p_t || p_s) = Σ p_t·(t - s)/T - (lse_t - lse_s), written with shifted maxima to limit cancellation.
-    kl = a / d_t - (m_t - m_s) - log_d_t + log_d_s
+    kl = _kl(q, p, d_s, d_t, m_s, m_t, shift)
     loss = kl_loss_scale * kl
     lse_1 = 0.0
     if HAS_TARGET:
@@ -128,13 +179,20 @@ def kd_loss_fwd_bwd_kernel(
         loss += ce_weight * (lse_1 - s_y)
     loss = tl.where(poison, float("nan"), loss)
     tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
+    lse_s_t = m_s + tl.log(d_s)
+    lse_t_t = m_t + tl.log(d_t)
+    lse_1 = tl.where(poison, float("nan"), lse_1)
+    if STORE_STATS:
+        stats_row = stats_ptr + row * 3  # STATS_PER_ROW
+        tl.store(stats_row, lse_s_t)
+        tl.store(stats_row + 1, lse_t_t)
+        tl.store(stats_row + 2, lse_1)
 
     if WRITE_GRAD:
-        lse_s_t = m_s + log_d_s
-        lse_t_t = m_t + log_d_t
-        lse_1 = tl.where(poison, float("nan"), lse_1)
+        g_row = g_ptr + row * C
+        scale = tl.load(scale_ptr)
         if SINGLE_BLOCK:
-            _store_grad_block(g_row, cols, cols < C, s, t, lse_s_t, lse_t_t, lse_1, y,
+            _store_grad_block(g_row, cols, cols < C, s, t, lse_s_t, lse_t_t, lse_1, y, scale,
                               inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET)
         else:
             for start in range(0, C, BLOCK):
@@ -142,29 +200,61 @@ def kd_loss_fwd_bwd_kernel(
                 mask = c < C
                 s = tl.load(s_row + c * s_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
                 t = tl.load(t_row + c * t_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
-                _store_grad_block(g_row, c, mask, s, t, lse_s_t, lse_t_t, lse_1, y,
+                _store_grad_block(g_row, c, mask, s, t, lse_s_t, lse_t_t, lse_1, y, scale,
                                   inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET)
 
 
-# The streaming path on a GPU picks its block and warps by autotuning per C. Only ever launched with a live
-# driver: the interpreter cannot autotune, and takes kd_loss_fwd_bwd_kernel with BLOCK=STREAM_BLOCK instead.
-# No BLOCK=8192 at 8 warps (32 columns per thread): ptxas spills its forward-only variant with a target (4 bytes
-# at 128 registers, sm_80 and sm_90), and its gradient variant takes 220 registers, one 8-warp block per SM, half
-# the resident warps of every config here. tests/test_kernel_compiles_for_gpu.py fails on any spill.
-kd_loss_stream_kernel = triton.autotune(
-    configs=[triton.Config({"BLOCK": b}, num_warps=w)
-             for b, w in ((2048, 8), (2048, 16), (4096, 8), (4096, 16), (8192, 16))],
-    key=["C", "HAS_TARGET", "WRITE_GRAD"],
-)(kd_loss_fwd_bwd_kernel)
-
-
 @triton.jit
-def scale_rows_kernel(g_ptr, scale_ptr, out_ptr, C, BLOCK: tl.constexpr):
-    """out[i, :] = g[i, :] · scale[i], multiplied in float32: the backward of the fused loss."""
+def kd_loss_bwd_kernel(
+    s_ptr, t_ptr, y_ptr, stats_ptr, grad_rows_ptr, g_ptr,
+    C, s_stride_r, s_stride_c, t_stride_r, t_stride_c,
+    inv_t, kl_grad_scale, ce_weight, ignore_index,
+    HAS_TARGET: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """∂s = grad_rows[i] · ∂ℓᵢ/∂sᵢ from the forward's saved log-sum-exps: one read of s and t, one write of ∂s."""
     row = tl.program_id(0).to(tl.int64)
-    col_block = tl.program_id(1)
-    cols = col_block * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < C
-    scale = tl.load(scale_ptr + row)
-    g = tl.load(g_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * C + cols, (g * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    s_row = s_ptr + row * s_stride_r
+    t_row = t_ptr + row * t_stride_r
+    g_row = g_ptr + row * C
+    NEG_INF: tl.constexpr = float("-inf")
+    if HAS_TARGET:
+        y = tl.load(y_ptr + row).to(tl.int64)
+        keep = y != ignore_index
+    else:
+        y = -1
+        keep = tl.full((), 1, tl.int1)
+    stats_row = stats_ptr + row * 3  # STATS_PER_ROW
+    lse_s_t = tl.load(stats_row)
+    lse_t_t = tl.load(stats_row + 1)
+    lse_1 = tl.load(stats_row + 2)
+    scale = tl.load(grad_rows_ptr + row)
+    cols = tl.arange(0, BLOCK)
+    if SINGLE_BLOCK:
+        mask = cols < C
+        s = tl.load(s_row + cols * s_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
+        t = tl.load(t_row + cols * t_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
+        _store_grad_block(g_row, cols, mask, s, t, lse_s_t, lse_t_t, lse_1, y, scale,
+                          inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET)
+    else:
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            mask = c < C
+            s = tl.load(s_row + c * s_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
+            t = tl.load(t_row + c * t_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
+            _store_grad_block(g_row, c, mask, s, t, lse_s_t, lse_t_t, lse_1, y, scale,
+                              inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET)
+
+
+# The streaming path on a GPU picks its block and warps by autotuning per C. Only ever launched with a live
+# driver: the interpreter cannot autotune, and takes the plain kernels with BLOCK=STREAM_BLOCK instead.
+# tests/test_kernel_compiles_for_gpu.py fails on any register spill, and has removed two configs: BLOCK 8192 at 8
+# warps (32 columns a thread; the old forward spilled 4 bytes at 128 registers on sm_80 and sm_90) from both, and
+# BLOCK 4096 at 8 warps from the forward (its gradient variant with a target spills 8 bytes on sm_90, since the
+# forward also carries the first block's shift and two more row sums).
+BACKWARD_STREAM_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w)
+                           for b, w in ((2048, 8), (2048, 16), (4096, 8), (4096, 16), (8192, 16))]
+FORWARD_STREAM_CONFIGS = [c for c in BACKWARD_STREAM_CONFIGS if (c.kwargs["BLOCK"], c.num_warps) != (4096, 8)]
+kd_loss_fwd_stream_kernel = triton.autotune(configs=FORWARD_STREAM_CONFIGS,
+                                            key=["C", "HAS_TARGET", "STORE_STATS", "WRITE_GRAD"])(kd_loss_fwd_kernel)
+kd_loss_bwd_stream_kernel = triton.autotune(configs=BACKWARD_STREAM_CONFIGS, key=["C", "HAS_TARGET"])(
+    kd_loss_bwd_kernel)

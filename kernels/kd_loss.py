@@ -5,10 +5,16 @@ Per row i, with student logits s, teacher logits t, target y, temperature T and 
     ℓᵢ = α·T²·KL(softmax(tᵢ/T) ‖ softmax(sᵢ/T)) + (1−α)·CE(sᵢ, yᵢ)        (CE at temperature 1)
     ∂ℓᵢ/∂sᵢ = α·T·(softmax(sᵢ/T) − softmax(tᵢ/T)) + (1−α)·(softmax(sᵢ) − onehot(yᵢ))
 
-The forward op returns the per-row losses and the student gradient together (the gradient is written while the
-row is on chip); the backward only scales that gradient by the incoming per-row grad, on the device, without any
-host sync, so the whole thing is capturable in a CUDA graph and traceable by torch.compile(fullgraph=True).
+How the gradient is made (no path has a host sync; all are traceable by torch.compile(fullgraph=True)):
+* Triton, `loss.backward()` (generic): the forward keeps three log-sum-exps a row; the backward kernel re-reads s and
+  t once and writes ∂s already multiplied by the incoming per-row gradient. 5·N·C elements moved at any C, no
+  (N, C) buffer between forward and backward.
+* `fused_backward=True` (fastkd's own training steps): the forward writes ∂s already scaled by the reduction and the
+  backward hands it to autograd as it is: 3·N·C elements for C ≤ 8192, the floor (read s, t, write ∂s).
+* CPU (inductor-compiled closed forms): compute-bound rather than bandwidth-bound, so the forward writes ∂s while
+  the exponentials are at hand and the backward scales it (or, fused, returns it).
 """
+import functools
 import math
 from typing import Optional
 
@@ -25,17 +31,11 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "triton", "torch")
 
-
-# --------------------------------------------------------------------------------------------------------------------
-# Implementations of the (rows, grad) forward: the Triton kernel and the CPU one.
-# --------------------------------------------------------------------------------------------------------------------
-
-def _triton_rows_and_grad(s, t, target, temperature, alpha, ignore_index, write_grad):
-    n, c = s.shape
-    rows = torch.empty(n, dtype=_result_dtype(s), device=s.device)
-    grad = torch.empty((n, c) if write_grad else (0,), dtype=s.dtype, device=s.device)
-    launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad if write_grad else None)
-    return rows, grad
+# What the forward op produces besides the per-row losses.
+LOSS_ONLY = 0  # nothing: no gradient is needed
+STATS = 1  # per-row log-sum-exps for the Triton backward kernel (the generic autograd path)
+GRAD = 2  # the per-row gradient, scaled by the incoming gradient in the backward (the CPU generic path)
+FUSED = 3  # the gradient already scaled by the reduction, returned as it is by the backward (fused_backward=True)
 
 
 def _result_dtype(s: Tensor) -> torch.dtype:
@@ -43,76 +43,149 @@ def _result_dtype(s: Tensor) -> torch.dtype:
     return torch.float64 if s.dtype == torch.float64 else torch.float32
 
 
-def launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad=None):
-    """Fill `rows` (N,) with the per-row losses and, if given, `grad` (N, C) contiguous with ∂ℓ/∂s."""
+# --------------------------------------------------------------------------------------------------------------------
+# Triton launchers.
+# --------------------------------------------------------------------------------------------------------------------
+
+def _row_launch(c: int) -> Optional[dict]:
+    """Block and warps of a row that fits in one block (read once), or None for the streaming path."""
+    width = triton.next_power_of_2(c)
+    if width > _tk.MAX_SINGLE_BLOCK:
+        return None
+    return dict(SINGLE_BLOCK=True, BLOCK=width, num_warps=4 if width <= 1024 else 8 if width <= 4096 else 16)
+
+
+def _scalars(temperature: float, alpha: float):
+    """1/T, the KL's loss and gradient weights, and the cross-entropy weight."""
+    return 1.0 / temperature, alpha * temperature * temperature, alpha * temperature, 1.0 - alpha
+
+
+def launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad=None, stats=None, scale=None):
+    """Fill `rows` (N,) with the per-row losses; if given, `stats` (N, 3) with the backward's log-sum-exps and
+    `grad` (N, C) contiguous with ∂ℓ/∂s times `scale` (a 0-d float32 device tensor; 1 if None)."""
     n, c = s.shape
-    write_grad = grad is not None
-    grad = grad if write_grad else rows  # an unused pointer when WRITE_GRAD is off
-    has_target = target is not None
-    args = (
-        s, t, target if has_target else rows, rows, grad,
-        c, s.stride(0), s.stride(1), t.stride(0), t.stride(1),
-        1.0 / temperature, alpha * temperature * temperature, alpha * temperature,
-        1.0 - alpha, ignore_index,
-    )
-    single_width = triton.next_power_of_2(c)
-    if single_width <= _tk.MAX_SINGLE_BLOCK:
-        num_warps = 4 if single_width <= 1024 else 8 if single_width <= 4096 else 16
-        _tk.kd_loss_fwd_bwd_kernel[(n,)](*args, HAS_TARGET=has_target, WRITE_GRAD=write_grad,
-                                         SINGLE_BLOCK=True, BLOCK=single_width, num_warps=num_warps)
+    write_grad, store_stats = grad is not None, stats is not None
+    if write_grad and scale is None:
+        scale = torch.ones((), dtype=torch.float32, device=s.device)
+    unused = rows  # a pointer the kernel never touches when its feature is off
+    inv_t, kl_loss_scale, kl_grad_scale, ce_weight = _scalars(temperature, alpha)
+    args = (s, t, target if target is not None else unused, rows, stats if store_stats else unused,
+            grad if write_grad else unused, scale if write_grad else unused,
+            c, s.stride(0), s.stride(1), t.stride(0), t.stride(1),
+            inv_t, kl_loss_scale, kl_grad_scale, ce_weight, ignore_index)
+    flags = dict(HAS_TARGET=target is not None, STORE_STATS=store_stats, WRITE_GRAD=write_grad)
+    single = _row_launch(c)
+    if single is not None:
+        _tk.kd_loss_fwd_kernel[(n,)](*args, **flags, **single)
     elif _tk.INTERPRETED:
         # Multi-config autotuning needs a live GPU driver; the interpreter takes one fixed block.
-        _tk.kd_loss_fwd_bwd_kernel[(n,)](*args, HAS_TARGET=has_target, WRITE_GRAD=write_grad,
-                                         SINGLE_BLOCK=False, BLOCK=_tk.STREAM_BLOCK, num_warps=8)
+        _tk.kd_loss_fwd_kernel[(n,)](*args, **flags, SINGLE_BLOCK=False, BLOCK=_tk.STREAM_BLOCK, num_warps=8)
     else:
-        _tk.kd_loss_stream_kernel[(n,)](*args, HAS_TARGET=has_target, WRITE_GRAD=write_grad, SINGLE_BLOCK=False)
+        _tk.kd_loss_fwd_stream_kernel[(n,)](*args, **flags, SINGLE_BLOCK=False)
 
 
-def _analytic_rows_and_grad(s, t, target, temperature: float, alpha: float, ignore_index: int, write_grad: bool):
-    """Loss rows and student gradient from closed forms, no autograd; compiled by inductor on CPU."""
-    compute = _result_dtype(s)
+def launch_kd_backward(s, t, target, stats, grad_rows, temperature, alpha, ignore_index, grad):
+    """Fill `grad` (N, C) contiguous with grad_rows[i] · ∂ℓᵢ/∂sᵢ from the forward's `stats`."""
+    n, c = s.shape
+    _, _, kl_grad_scale, ce_weight = _scalars(temperature, alpha)
+    args = (s, t, target if target is not None else stats, stats, grad_rows, grad,
+            c, s.stride(0), s.stride(1), t.stride(0), t.stride(1),
+            1.0 / temperature, kl_grad_scale, ce_weight, ignore_index)
+    single = _row_launch(c)
+    if single is not None:
+        _tk.kd_loss_bwd_kernel[(n,)](*args, HAS_TARGET=target is not None, **single)
+    elif _tk.INTERPRETED:
+        _tk.kd_loss_bwd_kernel[(n,)](*args, HAS_TARGET=target is not None, SINGLE_BLOCK=False,
+                                     BLOCK=_tk.STREAM_BLOCK, num_warps=8)
+    else:
+        _tk.kd_loss_bwd_stream_kernel[(n,)](*args, HAS_TARGET=target is not None, SINGLE_BLOCK=False)
+
+
+def _triton_forward(s, t, target, scale, temperature, alpha, ignore_index, mode):
+    n, c = s.shape
+    rows = torch.empty(n, dtype=_result_dtype(s), device=s.device)
+    stats = torch.empty((n, _tk.STATS_PER_ROW) if mode == STATS else (0,), dtype=torch.float32, device=s.device)
+    grad = torch.empty((n, c) if mode in (GRAD, FUSED) else (0,), dtype=s.dtype, device=s.device)
+    launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad if grad.numel() else None,
+                     stats if mode == STATS else None, scale if mode == FUSED else None)
+    return rows, stats, grad
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The CPU implementation: closed forms compiled by inductor.
+# --------------------------------------------------------------------------------------------------------------------
+
+def _finite_max(x: Tensor) -> Tensor:
+    """Row maxima, with 0 for a row that is all -inf (so that exp(x - max) is 0 there, not NaN)."""
+    m = x.amax(1, keepdim=True)
+    return torch.where(m == -math.inf, 0.0, m)
+
+
+def _analytic_forward(s, t, target, params, ignore_index, scale, write_grad: bool):
+    """Loss rows and (write_grad) the student gradient times `scale`, from closed forms, no autograd.
+
+    `params` holds 1/T, α·T², α·T and 1 − α, and `ignore_index` and `scale` are 0-d tensors: the compiled kernel
+    sees them as inputs, so a new temperature, α or ignore_index never recompiles it. The row sums are accumulated
+    in float64 (on a CPU the exponentials cost far more than the wider adds): the KL, formed as
+    Σ p_t·(t − s)/T − (m_t − m_s) − log(d_t / d_s), then loses nothing to the cancellation of two log-sum-exps near
+    log C (the Triton kernel, without cheap float64, uses a shifted form instead: _kd_loss_triton._kl).
+    """
+    compute, acc = params.dtype, torch.float64
+    inv_t, kl_loss_scale, kl_grad_scale, ce_weight = params.unbind()
     s32, t32 = s.to(compute), t.to(compute)
-    inv_t = 1.0 / temperature
-    lse_s = torch.logsumexp(s32 * inv_t, 1, keepdim=True)
-    lse_t = torch.logsumexp(t32 * inv_t, 1, keepdim=True)
-    p_t = torch.exp(t32 * inv_t - lse_t)
-    # KL = Σ p_t·(t − s)/T − (lse_t − lse_s), as in the kernel; 0·log 0 = 0 on masked classes. The lse terms
-    # stay outside the mask so that a NaN anywhere in the row reaches the loss.
-    kl = torch.where(p_t > 0, p_t * ((t32 - s32) * inv_t), 0.0).sum(1) - (lse_t - lse_s).squeeze(1)
-    rows = alpha * temperature * temperature * kl
-    grad = alpha * temperature * (torch.exp(s32 * inv_t - lse_s) - p_t) if write_grad else None
+    st, tt = s32 * inv_t, t32 * inv_t
+    m_s, m_t = _finite_max(st), _finite_max(tt)
+    e_s, e_t = torch.exp(st - m_s), torch.exp(tt - m_t)
+    d_s, d_t = e_s.to(acc).sum(1, keepdim=True), e_t.to(acc).sum(1, keepdim=True)
+    # 0·log 0 = 0 on masked classes; a NaN anywhere reaches the loss.
+    a = torch.where(e_t > 0, e_t * ((t32 - s32) * inv_t), 0.0).to(acc).sum(1, keepdim=True)
+    kl = a / d_t - (m_t - m_s).to(acc) - torch.log(d_t / d_s)
+    rows = (kl_loss_scale.to(acc) * kl).squeeze(1)
+    grad = kl_grad_scale * (e_s / d_s.to(compute) - e_t / d_t.to(compute)) if write_grad else None
     if target is not None:
         n, c = s.shape
         keep = target != ignore_index
         in_range = (target >= 0) & (target < c)
         safe_y = torch.where(keep & in_range, target, 0)
-        lse_1 = torch.logsumexp(s32, 1, keepdim=True)
-        ce = lse_1.squeeze(1) - s32.gather(1, safe_y[:, None]).squeeze(1)
+        m_1 = _finite_max(s32)
+        e_1 = torch.exp(s32 - m_1)
+        d_1 = e_1.sum(1, keepdim=True)
+        ce = ((m_1 + torch.log(d_1)).squeeze(1) - s32.gather(1, safe_y[:, None]).squeeze(1)).to(acc)
         # Out-of-range targets cannot be checked without a host sync here: they poison the row with NaN instead.
         poison = keep & ~in_range
-        rows = torch.where(poison, math.nan, rows + (1.0 - alpha) * ce)
+        rows = torch.where(poison, math.nan, rows + ce_weight.to(acc) * ce)
         rows = torch.where(keep, rows, 0.0)
         if write_grad:
             onehot = torch.arange(c, device=s.device)[None, :] == safe_y[:, None]
-            grad = grad + (1.0 - alpha) * (torch.exp(s32 - lse_1) - onehot.to(compute))
+            grad = grad + ce_weight * (e_1 / d_1.to(compute) - onehot.to(compute))
             grad = torch.where(poison[:, None], math.nan, grad)
             grad = torch.where(keep[:, None], grad, 0.0)
     rows = rows.to(_result_dtype(s))
-    grad = grad.to(s.dtype) if write_grad else s.new_empty(0)
+    grad = (grad * scale).to(s.dtype) if write_grad else s.new_empty(0)
     return rows, grad
 
 
 _compiled_analytic = None
 
 
-def _cpu_rows_and_grad(s, t, target, *args):
+@functools.lru_cache(maxsize=64)
+def _cpu_constants(temperature: float, alpha: float, ignore_index: int, dtype: torch.dtype):
+    """The compiled CPU kernel's scalar inputs as 0-d tensors (never written to, so they can be shared)."""
+    return (torch.tensor(_scalars(temperature, alpha), dtype=dtype), torch.tensor(ignore_index),
+            torch.ones((), dtype=dtype))
+
+
+def _cpu_forward(s, t, target, scale, temperature, alpha, ignore_index, mode):
     # Inductor fuses the closed forms into a few vectorised C++ loops: faster on CPU than eager ATen ops, and
     # faster than compiling the autograd reference. The batch dimension is marked dynamic so that a changing N
     # (an evaluation tail batch) does not recompile; C stays static (one compile per class count), which
     # vectorises markedly better than a symbolic C.
     global _compiled_analytic
     if _compiled_analytic is None:
-        _compiled_analytic = torch.compile(_analytic_rows_and_grad, dynamic=False)
+        _compiled_analytic = torch.compile(_analytic_forward, dynamic=False)
+    compute = _result_dtype(s)
+    params, ignore, one = _cpu_constants(temperature, alpha, ignore_index, compute)
+    scale = scale.to(compute) if mode == FUSED else one
     # Mark fresh aliases, not the caller's tensors: a marking left on them would make an enclosing compiled graph
     # see a changed input and recompile.
     s, t = s.detach(), t.detach()
@@ -123,60 +196,92 @@ def _cpu_rows_and_grad(s, t, target, *args):
     # kernel) or included (inside an enclosing compiled graph); the compiled kernel's guards see the difference and
     # would compile it twice. It needs no view tracking, so it always runs below that key.
     with torch._C._AutoDispatchBelowADInplaceOrView():
-        return _compiled_analytic(s, t, target, *args)
+        rows, grad = _compiled_analytic(s, t, target, params, ignore, scale, mode in (GRAD, FUSED))
+    return rows, s.new_empty(0, dtype=torch.float32), grad
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # torch.library ops: opaque to Dynamo (no graph break), with fake implementations for tracing.
 # --------------------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastkd::kd_loss_rows", mutates_args=())
-def _kd_loss_rows(s: Tensor, t: Tensor, target: Optional[Tensor], temperature: float, alpha: float,
-                  ignore_index: int, write_grad: bool, use_triton: bool) -> tuple[Tensor, Tensor]:
-    if use_triton:
-        return _triton_rows_and_grad(s, t, target, temperature, alpha, ignore_index, write_grad)
-    return _cpu_rows_and_grad(s, t, target, temperature, alpha, ignore_index, write_grad)
+@torch.library.custom_op("fastkd::kd_loss_forward", mutates_args=())
+def _kd_loss_forward(s: Tensor, t: Tensor, target: Optional[Tensor], scale: Optional[Tensor], temperature: float,
+                     alpha: float, ignore_index: int, mode: int, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-row losses, STATS: (N, 3) log-sum-exps, GRAD/FUSED: (N, C) gradient); unused outputs are empty."""
+    implementation = _triton_forward if use_triton else _cpu_forward
+    return implementation(s, t, target, scale, temperature, alpha, ignore_index, mode)
 
 
-@_kd_loss_rows.register_fake
-def _(s, t, target, temperature, alpha, ignore_index, write_grad, use_triton):
-    grad = s.new_empty(s.shape) if write_grad else s.new_empty(0)
-    return s.new_empty(s.shape[0], dtype=_result_dtype(s)), grad
+@_kd_loss_forward.register_fake
+def _(s, t, target, scale, temperature, alpha, ignore_index, mode, use_triton):
+    n, c = s.shape
+    stats = s.new_empty((n, _tk.STATS_PER_ROW) if mode == STATS else (0,), dtype=torch.float32)
+    grad = s.new_empty((n, c) if mode in (GRAD, FUSED) else (0,))
+    return s.new_empty(n, dtype=_result_dtype(s)), stats, grad
 
 
-@torch.library.custom_op("fastkd::scale_rows", mutates_args=())
-def _scale_rows(grad: Tensor, scale: Tensor, use_triton: bool) -> Tensor:
-    """grad[i, :] · scale[i], multiplied in float32 (float64 for float64), returned in grad's dtype."""
-    if not use_triton:
-        return (grad.to(_result_dtype(grad)) * scale[:, None]).to(grad.dtype)
-    out = torch.empty_like(grad)
-    n, c = grad.shape
-    block = min(4096, triton.next_power_of_2(c))
-    _tk.scale_rows_kernel[(n, triton.cdiv(c, block))](grad, scale.to(torch.float32).contiguous(), out, c,
-                                                       BLOCK=block)
-    return out
+@torch.library.custom_op("fastkd::kd_loss_backward", mutates_args=())
+def _kd_loss_backward(s: Tensor, t: Tensor, target: Optional[Tensor], stats: Tensor, grad_rows: Tensor,
+                      temperature: float, alpha: float, ignore_index: int) -> Tensor:
+    """Triton: grad_rows[i] · ∂ℓᵢ/∂sᵢ, recomputed from the saved log-sum-exps."""
+    grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    launch_kd_backward(s, t, target, stats, grad_rows.to(torch.float32).contiguous(), temperature, alpha,
+                       ignore_index, grad)
+    return grad
 
 
-@_scale_rows.register_fake
-def _(grad, scale, use_triton):
-    return torch.empty_like(grad)
+@_kd_loss_backward.register_fake
+def _(s, t, target, stats, grad_rows, temperature, alpha, ignore_index):
+    return torch.empty_like(s, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.use_triton = inputs[-1]
-    ctx.save_for_backward(output[1])
+    s, t, target, _, temperature, alpha, ignore_index, mode, _ = inputs
+    ctx.mode, ctx.hyper = mode, (temperature, alpha, ignore_index)
+    if mode == STATS:
+        ctx.save_for_backward(s, t, target, output[1])
+    else:
+        ctx.save_for_backward(output[2])
 
 
-def _backward(ctx, grad_rows, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    if grad.numel() == 0:
+def _backward(ctx, grad_rows, _grad_of_stats, _grad_of_grad):
+    if ctx.mode == LOSS_ONLY:
         raise RuntimeError("kd_loss: backward through a call made without a student gradient "
                            "(student_logits did not require grad)")
-    student_grad = _scale_rows(grad, grad_rows, ctx.use_triton)
-    return student_grad, None, None, None, None, None, None, None
+    if ctx.mode == STATS:
+        s, t, target, stats = ctx.saved_tensors
+        student_grad = _kd_loss_backward(s, t, target, stats, grad_rows, *ctx.hyper)
+    elif ctx.mode == GRAD:
+        (grad,) = ctx.saved_tensors
+        # grad[i, :] · grad_rows[i], multiplied in float32 (float64 for float64), in grad's dtype.
+        student_grad = (grad.to(_result_dtype(grad)) * grad_rows[:, None]).to(grad.dtype)
+    else:  # FUSED: already scaled by the reduction; the caller guarantees an incoming gradient of 1
+        (student_grad,) = ctx.saved_tensors
+    return student_grad, None, None, None, None, None, None, None, None
 
 
-_kd_loss_rows.register_autograd(_backward, setup_context=_setup_context)
+_kd_loss_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerKDLoss(torch.autograd.Function):
+    """The same forward and backward as the op above, for eager calls: torch.library's dispatch costs more than the
+    whole loss at small sizes on a CPU. Under torch.compile the op is used, since Dynamo must see it as one."""
+
+    @staticmethod
+    def forward(ctx, s, t, target, scale, temperature, alpha, ignore_index, mode, use_triton):
+        implementation = _triton_forward if use_triton else _cpu_forward
+        output = implementation(s, t, target, scale, temperature, alpha, ignore_index, mode)
+        _setup_context(ctx, (s, t, target, scale, temperature, alpha, ignore_index, mode, use_triton), output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        if ctx.mode == STATS:  # straight to the kernel launch, as the op's backward would
+            s, t, target, stats = ctx.saved_tensors
+            grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+            launch_kd_backward(s, t, target, stats, grad_rows.to(torch.float32).contiguous(), *ctx.hyper, grad)
+            return grad, None, None, None, None, None, None, None, None
+        return _backward(ctx, grad_rows, None, None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -263,6 +368,9 @@ def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) ->
         return
     if target.is_cuda and torch.cuda.is_current_stream_capturing():
         return
+    low, high = (int(v) for v in torch.aminmax(target))  # one pass, one read; the common case ends here
+    if 0 <= low and high < num_classes:
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         value = int(target[bad][0])
@@ -280,7 +388,7 @@ def _use_triton(s: Tensor, backend: str) -> bool:
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
             temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
-            backend: str = "auto", check_target: bool = True) -> Tensor:
+            backend: str = "auto", check_target: bool = True, fused_backward: bool = False) -> Tensor:
     """α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y) per row, reduced; float32 result.
 
     The gradient flows to `student_logits` only (in its dtype). Rows whose target is `ignore_index` contribute
@@ -288,17 +396,41 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     "triton" (the kernel everywhere; CPU tensors need TRITON_INTERPRET=1) or "torch" (plain autograd reference).
     check_target=False skips the eager range check of target values (a host sync on CUDA) for callers whose labels
     are already known to be valid; an out-of-range target then yields a NaN loss, as under torch.compile.
+    fused_backward=True writes the gradient, already scaled by the reduction, in the forward, and the backward
+    returns it untouched: one pass over the logits, the least memory traffic there is. It is exact only when the
+    returned loss reaches the backward with gradient 1 (`loss.backward()`, or a sum in which it has weight 1), as in
+    fastkd's own training steps; scale the loss after it and the gradient is not scaled. "mean" or "sum" only.
     """
     _validate(student_logits, teacher_logits, target, temperature, alpha, ignore_index, reduction, backend,
               check_target)
-    temperature, alpha = float(temperature), float(alpha)
+    if not isinstance(fused_backward, bool) or (fused_backward and reduction == "none"):
+        raise ValueError(f"fused_backward must be a bool, and needs reduction 'mean' or 'sum'; got "
+                         f"fused_backward={fused_backward!r} with reduction={reduction!r}")
+    temperature, alpha, ignore_index = float(temperature), float(alpha), int(ignore_index)
     if backend == "torch":
         return kd_loss_reference(student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
                                  ignore_index=ignore_index, reduction=reduction)
-    write_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    rows, _ = _kd_loss_rows(student_logits, teacher_logits.detach(), target, temperature, alpha, int(ignore_index),
-                            write_grad, _use_triton(student_logits, backend))
+    use_triton = _use_triton(student_logits, backend)
+    scale = None
+    if not (student_logits.requires_grad and torch.is_grad_enabled()):
+        mode = LOSS_ONLY
+    elif fused_backward:
+        mode, scale = FUSED, _reduction_scale(student_logits, target, ignore_index, reduction)
+    else:
+        mode = STATS if use_triton else GRAD
+    args = (student_logits, teacher_logits.detach(), target, scale, temperature, alpha, ignore_index, mode, use_triton)
+    rows = _kd_loss_forward(*args)[0] if torch.compiler.is_compiling() else _EagerKDLoss.apply(*args)
     return _reduce(rows, target, ignore_index, reduction)
+
+
+def _reduction_scale(s: Tensor, target: Optional[Tensor], ignore_index: int, reduction: str) -> Tensor:
+    """∂(reduced loss)/∂(row loss), on the device: what _reduce's backward would send to every row."""
+    one = torch.ones((), dtype=_result_dtype(s), device=s.device)
+    if reduction == "sum":
+        return one
+    if target is None:
+        return one / s.shape[0]
+    return one / (target != ignore_index).sum().clamp(min=1)
 
 
 class KDLoss(nn.Module):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from fastkd.config import Config
 from fastkd.data.registry import load_synthetic
 from fastkd.kernels import _kd_loss_triton as tk
-from fastkd.kernels.kd_loss import kd_loss, launch_kd_kernel
+from fastkd.kernels.kd_loss import kd_loss, launch_kd_backward, launch_kd_kernel
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, lr_at, make_sgd, set_lr
 from fastkd.updates import LossSettings, Updates
@@ -40,7 +40,7 @@ IGNORED_ROWS = [1, 4]
 # One column past the single-block limit (the last block holds one column), a common vocabulary, Llama 3's.
 CLASS_COUNTS = [tk.MAX_SINGLE_BLOCK + 1, 32000, 128256]
 DTYPES = [torch.float32, torch.bfloat16]
-STREAM_CONFIGS = list(tk.kd_loss_stream_kernel.configs)
+STREAM_CONFIGS = list(tk.BACKWARD_STREAM_CONFIGS)  # the forward's are a subset
 # Masking this many leading classes makes the whole first block -inf for the narrowest config: the running max
 # starts at -inf and must not turn into NaN.
 MASKED_PREFIX = min(config.kwargs["BLOCK"] for config in STREAM_CONFIGS)
@@ -153,16 +153,16 @@ def assert_grad_close(grad, ref: Reference, e: float, store_u: float, roundings:
 
 
 class OneConfig:
-    """Stands in for the autotuned streaming kernel: `launch_kd_kernel` builds its argument list as always, and
-    the plain kernel runs with one config's meta-parameters, as the autotuner would launch it."""
+    """Stands in for an autotuned streaming kernel: the launcher builds its argument list as always, and the plain
+    kernel runs with one config's meta-parameters, as the autotuner would launch it."""
 
-    def __init__(self, config):
-        self.config, self.launches = config, 0
+    def __init__(self, kernel, config):
+        self.kernel, self.config, self.launches = kernel, config, 0
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
             self.launches += 1
-            return tk.kd_loss_fwd_bwd_kernel[grid](*args, **meta, **self.config.all_kwargs())
+            return self.kernel[grid](*args, **meta, **self.config.all_kwargs())
         return launch
 
 
@@ -177,17 +177,29 @@ def test_every_streaming_config_writes_reference_loss_and_gradient_over_poisoned
     s, t, y, masked = make_inputs(c, dtype, with_target, seed=c + 2 * DTYPES.index(dtype) + with_target)
     rows = torch.full((N,), math.nan, device=CUDA)
     grad = torch.full((N, c), math.nan, dtype=dtype, device=CUDA)
-    stand_in = OneConfig(config)
-    monkeypatch.setattr(tk, "kd_loss_stream_kernel", stand_in)
-    launch_kd_kernel(s, t, y, T, ALPHA, IGNORE, rows, grad)
-    assert stand_in.launches == 1
-    assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), "an output element was never written"
     ref = reference(s, t, y)
     e = relative_error(c, config.kwargs["BLOCK"], largest_logit(s, t))
+    # A config of the backward list only (the forward's is a subset): its statistics come from the autotuned forward.
+    forward = OneConfig(tk.kd_loss_fwd_kernel, config) if config in tk.FORWARD_STREAM_CONFIGS else None
+    backward = OneConfig(tk.kd_loss_bwd_kernel, config)
+    if forward:
+        monkeypatch.setattr(tk, "kd_loss_fwd_stream_kernel", forward)
+    monkeypatch.setattr(tk, "kd_loss_bwd_stream_kernel", backward)
+    launch_kd_kernel(s, t, y, T, ALPHA, IGNORE, rows, grad)  # the engine's path: loss and gradient in the forward
+    assert forward is None or forward.launches == 1
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), "an output element was never written"
     assert_rows_close(rows, ref, e, with_target)
     assert_grad_close(grad, ref, e, STORE_U[dtype], roundings=1)
+    # The generic path's pair: the forward's statistics, then the backward kernel (incoming gradient of 1 a row).
+    stats = torch.full((N, tk.STATS_PER_ROW), math.nan, device=CUDA)
+    launch_kd_kernel(s, t, y, T, ALPHA, IGNORE, rows, stats=stats)
+    assert_rows_close(rows, ref, e, with_target)
+    recomputed = torch.full((N, c), math.nan, dtype=dtype, device=CUDA)
+    launch_kd_backward(s, t, y, stats, torch.ones(N, device=CUDA), T, ALPHA, IGNORE, recomputed)
+    assert backward.launches == 1 and torch.isfinite(recomputed).all()
+    assert_grad_close(recomputed, ref, e, STORE_U[dtype], roundings=1)
     # Exact zeros where nothing contributes: masked classes, and the rows whose target is ignored.
-    assert torch.all(grad[:, masked] == 0)
+    assert torch.all(grad[:, masked] == 0) and torch.all(recomputed[:, masked] == 0)
     if with_target:
         assert torch.all(rows[IGNORED_ROWS] == 0) and torch.all(grad[IGNORED_ROWS] == 0)
 

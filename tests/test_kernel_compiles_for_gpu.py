@@ -10,10 +10,10 @@ run again through the ptxas that Triton bundles, with -v, and its "N bytes spill
 is read. A spill is a silent slowdown (local-memory traffic in the row loop), never a wrong result: only a check
 like this one notices it.
 
-The variants are not listed by hand: the single-block (BLOCK, num_warps) pairs are those `launch_kd_kernel` itself
-picks for every C from 1 to MAX_SINGLE_BLOCK + 1 (probed with a recording stand-in for the kernel), the streaming
-ones are `kd_loss_stream_kernel.configs`, and the scale kernel's blocks are those `_scale_rows` launches. A new
-autotune config or a changed warps rule is covered without editing this file.
+The variants are not listed by hand: the single-block (BLOCK, num_warps) pairs are those the forward and backward
+launchers themselves pick for every C from 1 to MAX_SINGLE_BLOCK + 1 (probed with a recording stand-in for the
+kernels), and the streaming ones are the autotune lists, each with every feature combination. A new autotune config or
+a changed warps rule is covered without editing this file.
 """
 import json
 import os
@@ -46,67 +46,76 @@ class Recorder:
 
 
 def launcher_choices():
-    # (BLOCK, num_warps) of every single-block launch and BLOCK of every scale launch, over all C that take them.
-    real = tk.kd_loss_fwd_bwd_kernel, tk.kd_loss_stream_kernel, tk.scale_rows_kernel
-    single, stream, scale = Recorder(), Recorder(), Recorder()
-    tk.kd_loss_fwd_bwd_kernel, tk.kd_loss_stream_kernel, tk.scale_rows_kernel = single, stream, scale
+    # (BLOCK, num_warps) of every single-block launch, forward and backward, over all C that take them.
+    real = tk.kd_loss_fwd_kernel, tk.kd_loss_fwd_stream_kernel, tk.kd_loss_bwd_kernel, tk.kd_loss_bwd_stream_kernel
+    single, stream = Recorder(), Recorder()
+    tk.kd_loss_fwd_kernel, tk.kd_loss_fwd_stream_kernel, tk.kd_loss_bwd_kernel, tk.kd_loss_bwd_stream_kernel = (
+        single, stream, single, stream)
     try:
         for c in range(1, tk.MAX_SINGLE_BLOCK + 2):
             x = torch.empty(1, c)
             kd.launch_kd_kernel(x, x, None, 1.0, 0.5, -100, torch.empty(1), torch.empty(1, c))
-            kd._scale_rows(x, torch.ones(1), True)
+            kd.launch_kd_backward(x, x, None, torch.empty(1, 3), torch.ones(1), 1.0, 0.5, -100, torch.empty(1, c))
     finally:
-        tk.kd_loss_fwd_bwd_kernel, tk.kd_loss_stream_kernel, tk.scale_rows_kernel = real
-    assert all(m["SINGLE_BLOCK"] for m in single.launches) and len(stream.launches) == 1  # C = MAX + 1 streams
-    widths = sorted({(m["BLOCK"], m["num_warps"]) for m in single.launches})
-    return widths, sorted({m["BLOCK"] for m in scale.launches}), sorted({m.get("num_warps") for m in scale.launches})
+        tk.kd_loss_fwd_kernel, tk.kd_loss_fwd_stream_kernel, tk.kd_loss_bwd_kernel, tk.kd_loss_bwd_stream_kernel = real
+    assert all(m["SINGLE_BLOCK"] for m in single.launches) and len(stream.launches) == 2  # C = MAX + 1 streams
+    return sorted({(m["BLOCK"], m["num_warps"]) for m in single.launches})
 
 
 DTYPES = ("fp32", "bf16", "fp16")
-FLAGS = list(itertools.product((True, False), repeat=2))  # (HAS_TARGET, WRITE_GRAD)
-HEAVIEST = FLAGS[:1]  # with a target and a gradient: the most code and, in all but one case, the most registers
+# The forward's outputs besides the loss: none (no gradient wanted), the backward's statistics, or the gradient.
+FORWARD_MODES = [dict(STORE_STATS=False, WRITE_GRAD=False), dict(STORE_STATS=True, WRITE_GRAD=False),
+                 dict(STORE_STATS=False, WRITE_GRAD=True)]
+HEAVIEST = [dict(STORE_STATS=False, WRITE_GRAD=True)]  # with a target: the most code and registers
 
 
 def variants():
-    # (arch, kernel name, dtype, constexprs, num_warps or None for Triton's default). sm_90 gets every dtype;
-    # sm_80 gets fp32, whose rows take the most registers (a bf16 or fp16 load packs two values per register).
-    widths, scale_blocks, scale_warps = launcher_choices()
-    assert scale_warps == [None]
+    # (arch, kernel, dtype, constexprs, num_warps). sm_90 gets every dtype; sm_80 gets fp32, whose rows take the
+    # most registers (a bf16 or fp16 load packs two values per register).
+    widths = launcher_choices()
     # The narrowest and widest block of each warps count: the sub-warp layouts of tiny rows, and the peak values
     # per thread. A block between two edges holds fewer values per thread than the wider edge at the same warps,
     # so it is compiled once, in fp32 with every feature.
     counts = {warps for _, warps in widths}
     edges = {f(b for b, w in widths if w == warps) for warps in counts for f in (min, max)}
-    streams = [(c.kwargs["BLOCK"], c.num_warps) for c in tk.kd_loss_stream_kernel.configs]
+    forward_streams = [(c.kwargs["BLOCK"], c.num_warps) for c in tk.FORWARD_STREAM_CONFIGS]
+    backward_streams = [(c.kwargs["BLOCK"], c.num_warps) for c in tk.BACKWARD_STREAM_CONFIGS]
     for arch, dtypes in ((90, DTYPES), (80, ("fp32",))):
         for dtype in dtypes:
-            # Every feature combination of the streaming configs: the forward-only ones allocate differently.
-            for (block, warps), (has_target, write_grad) in itertools.product(streams, FLAGS):
-                yield arch, "stream", dtype, dict(HAS_TARGET=has_target, WRITE_GRAD=write_grad,
-                                                  SINGLE_BLOCK=False, BLOCK=block), warps
+            for has_target in (True, False):
+                for (block, warps), mode in itertools.product(forward_streams, FORWARD_MODES):
+                    # every feature combination: they allocate differently
+                    yield arch, "forward", dtype, dict(HAS_TARGET=has_target, **mode, SINGLE_BLOCK=False,
+                                                       BLOCK=block), warps
+                for block, warps in backward_streams:
+                    yield arch, "backward", dtype, dict(HAS_TARGET=has_target, SINGLE_BLOCK=False, BLOCK=block), \
+                        warps
             for block, warps in widths:
                 if block in edges:
-                    flags = FLAGS if arch == 90 else HEAVIEST
+                    modes, targets = (FORWARD_MODES, (True, False)) if arch == 90 else (HEAVIEST, (True,))
                 elif arch == 90 and dtype == "fp32":
-                    flags = HEAVIEST
+                    modes, targets = HEAVIEST, (True,)
                 else:
                     continue
-                for has_target, write_grad in flags:
-                    yield arch, "single", dtype, dict(HAS_TARGET=has_target, WRITE_GRAD=write_grad,
-                                                      SINGLE_BLOCK=True, BLOCK=block), warps
-            for block in (scale_blocks[0], scale_blocks[-1]):  # one warps count: its edges
-                yield arch, "scale", dtype, dict(BLOCK=block), None
+                for has_target in targets:
+                    for mode in modes:
+                        yield arch, "forward", dtype, dict(HAS_TARGET=has_target, **mode, SINGLE_BLOCK=True,
+                                                           BLOCK=block), warps
+                    yield arch, "backward", dtype, dict(HAS_TARGET=has_target, SINGLE_BLOCK=True, BLOCK=block), warps
 
 
 def signature(kernel, dtype):
-    if kernel == "scale":
-        return {"g_ptr": f"*{dtype}", "scale_ptr": "*fp32", "out_ptr": f"*{dtype}", "C": "i32",
+    if kernel == "backward":
+        return {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "y_ptr": "*i64", "stats_ptr": "*fp32",
+                "grad_rows_ptr": "*fp32", "g_ptr": f"*{dtype}", "C": "i32", "s_stride_r": "i64", "s_stride_c": "i32",
+                "t_stride_r": "i64", "t_stride_c": "i32", "inv_t": "fp32", "kl_grad_scale": "fp32",
+                "ce_weight": "fp32", "ignore_index": "i64", "HAS_TARGET": "constexpr", "SINGLE_BLOCK": "constexpr",
                 "BLOCK": "constexpr"}
-    return {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "y_ptr": "*i64", "loss_ptr": "*fp32",
-            "g_ptr": f"*{dtype}", "C": "i32", "s_stride_r": "i64", "s_stride_c": "i32", "t_stride_r": "i64",
-            "t_stride_c": "i32", "inv_t": "fp32", "kl_loss_scale": "fp32", "kl_grad_scale": "fp32",
-            "ce_weight": "fp32", "ignore_index": "i64", "HAS_TARGET": "constexpr", "WRITE_GRAD": "constexpr",
-            "SINGLE_BLOCK": "constexpr", "BLOCK": "constexpr"}
+    return {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "y_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
+            "g_ptr": f"*{dtype}", "scale_ptr": "*fp32", "C": "i32", "s_stride_r": "i64", "s_stride_c": "i32",
+            "t_stride_r": "i64", "t_stride_c": "i32", "inv_t": "fp32", "kl_loss_scale": "fp32",
+            "kl_grad_scale": "fp32", "ce_weight": "fp32", "ignore_index": "i64", "HAS_TARGET": "constexpr",
+            "STORE_STATS": "constexpr", "WRITE_GRAD": "constexpr", "SINGLE_BLOCK": "constexpr", "BLOCK": "constexpr"}
 
 
 USAGE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -130,15 +139,15 @@ def ptxas_usage(ptx, arch):
 all_variants = list(variants())
 print(json.dumps({"total": len(all_variants)}), flush=True)
 for arch, kernel, dtype, constexprs, warps in all_variants[worker::workers]:
-    fn = tk.scale_rows_kernel if kernel == "scale" else tk.kd_loss_fwd_bwd_kernel
+    fn = tk.kd_loss_bwd_kernel if kernel == "backward" else tk.kd_loss_fwd_kernel
     src = ASTSource(fn=fn, signature=signature(kernel, dtype), constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={} if warps is None else {"num_warps": warps})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     registers, spill_stores, spill_loads = ptxas_usage(compiled.asm["ptx"], arch)
     flags = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items())
     warps = compiled.metadata.num_warps
     print(json.dumps({"variant": f"sm_{arch} {kernel} {dtype} {flags} num_warps={warps}", "arch": f"sm_{arch}",
-                      "kernel": kernel, "block": constexprs["BLOCK"], "num_warps": warps,
+                      "kernel": kernel, "single": constexprs["SINGLE_BLOCK"], "block": constexprs["BLOCK"],
+                      "num_warps": warps,
                       "cubin": bool(compiled.asm.get("cubin")), "registers": registers,
                       "spill_stores": spill_stores, "spill_loads": spill_loads}), flush=True)
 """
@@ -162,8 +171,9 @@ def compile_all() -> list[dict]:
 
 def test_every_kernel_variant_compiles_for_ampere_and_hopper_without_register_spills():
     records = compile_all()
-    kinds = {(r["arch"], r["kernel"]) for r in records}
-    assert kinds == {(arch, kernel) for arch in ("sm_90", "sm_80") for kernel in ("single", "stream", "scale")}
+    kinds = {(r["arch"], r["kernel"], r["single"]) for r in records}
+    assert kinds == {(arch, kernel, single) for arch in ("sm_90", "sm_80") for kernel in ("forward", "backward")
+                     for single in (True, False)}
     assert all(r["cubin"] for r in records), [r["variant"] for r in records if not r["cubin"]]
     spilling = [f"{r['variant']}: {r['registers']} registers, {r['spill_stores']} bytes spill stores, "
                 f"{r['spill_loads']} bytes spill loads" for r in records if r["spill_stores"] or r["spill_loads"]]
@@ -172,5 +182,5 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper_without_register_sp
     shapes = sorted({(r["arch"], r["kernel"], r["block"], r["num_warps"]) for r in records})
     for shape in shapes:
         mine = [r for r in records if (r["arch"], r["kernel"], r["block"], r["num_warps"]) == shape]
-        print("%s %-6s BLOCK=%-5d num_warps=%-2d %2d variants, no spills, at most %3d registers"
+        print("%s %-8s BLOCK=%-5d num_warps=%-2d %2d variants, no spills, at most %3d registers"
               % (*shape, len(mine), max(r["registers"] for r in mine)))
