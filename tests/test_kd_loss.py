@@ -220,22 +220,24 @@ def test_module_matches_function():
     check(s, t, y, backend="triton", temperature=2.0, alpha=0.7)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused_backward"])
 @pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_compiles_fullgraph_forward_and_backward(backend):
+def test_compiles_fullgraph_forward_and_backward(backend, fused):
     torch._dynamo.reset()
     n, c = 8, 33
     s0, t, y = logits(n, c, torch.float32), logits(n, c, torch.float32), targets(n, c)
 
+    def loss_of(s):
+        return kd_loss(s, t, y, temperature=T, alpha=ALPHA, backend=backend, fused_backward=fused)
+
     def step(s, t, y):
-        loss = kd_loss(s, t, y, temperature=T, alpha=ALPHA, backend=backend)
+        loss = loss_of(s)
         loss.backward()
         return loss
 
-    explanation = torch._dynamo.explain(lambda s: kd_loss(s, t, y, temperature=T, alpha=ALPHA, backend=backend))(
-        s0.clone().requires_grad_())
+    explanation = torch._dynamo.explain(loss_of)(s0.clone().requires_grad_())
     assert explanation.graph_break_count == 0
-    compiled = torch.compile(lambda s: kd_loss(s, t, y, temperature=T, alpha=ALPHA, backend=backend),
-                             fullgraph=True)
+    compiled = torch.compile(loss_of, fullgraph=True)
     s_c = s0.clone().requires_grad_()
     compiled(s_c).backward()
     s_e = s0.clone().requires_grad_()
