@@ -52,14 +52,14 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
     settings = {"method": method, **settings}
     settings.update(_names(teacher, student, train_data, test_data, settings))
     cfg = config_from_settings(settings)
-    validate(cfg, zoo_models=[role for role, m in (("teacher", teacher), ("student", student))
-                              if not isinstance(m, nn.Module)])
     state = None
-    if resume:
+    if resume:  # a setting that differs from the saved run is the error to report, before any other
         if out is None:
             raise ValueError("resume=True needs out=, the folder of the run to continue")
         state = load_checkpoint(Path(out))
         _check_resumable(cfg, state["config"])
+    validate(cfg, zoo_models=[role for role, m in (("teacher", teacher), ("student", student))
+                              if not isinstance(m, nn.Module)])
     out = Path(out if out is not None else default_out(cfg.method))
 
     parallel, device = join(cfg.device)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .api import DEFAULTS, RESUME_MAY_CHANGE, SETTINGS, default_out, fit
+from .api import DEFAULTS, SETTINGS, default_out, fit
 from .checkpoint import load_checkpoint
 from .config import PRESETS
 from .data import DATASETS
@@ -80,14 +80,9 @@ def explicit_settings(argv) -> dict:
 
 
 def resumed_settings(argv, saved: dict) -> dict:
-    """The saved configuration; explicit flags must agree with it, except the few that may change on resume."""
-    explicit = explicit_settings(argv)
-    differing = sorted(k for k, v in explicit.items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
-    if differing:
-        raise ValueError(f"--resume: these settings differ from the saved run: {', '.join(differing)} "
-                         f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
-    return {**{k: saved[k] for k in SETTINGS if k in saved},
-            **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE}}
+    """The saved configuration with the flags given on top; `fit(resume=True)` refuses any that differ from it,
+    except the few that may change on resume."""
+    return {**{k: saved[k] for k in SETTINGS if k in saved}, **explicit_settings(argv)}
 
 
 def main(argv=None) -> int:

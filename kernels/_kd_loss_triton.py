@@ -81,6 +81,20 @@ def _store_grad_block(g_row, cols, mask, s, t, lse_s_t, lse_t_t, lse_1, y, scale
 
 
 @triton.jit
+def _stream_grad_row(s_row, t_row, g_row, C, s_stride_c, t_stride_c, lse_s_t, lse_t_t, lse_1, y, scale,
+                     inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET: tl.constexpr, BLOCK: tl.constexpr):
+    """A wide row's gradient, block by block: one read of s and t, one write of ∂s."""
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, C, BLOCK):
+        c = start + cols
+        mask = c < C
+        s = tl.load(s_row + c * s_stride_c, mask=mask, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_row + c * t_stride_c, mask=mask, other=float("-inf")).to(tl.float32)
+        _store_grad_block(g_row, c, mask, s, t, lse_s_t, lse_t_t, lse_1, y, scale,
+                          inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET)
+
+
+@triton.jit
 def _weighted_excess(s, t, inv_t, m_t, shift, e_t, x):
     """e_t·(e^(−x) − 1 + x) with x = δ − shift: a series where |x| is small (the direct form cancels there), else
     written with e_t·e^(−x) = e^(s/T − m_t + shift), which keeps the student's mass on classes whose teacher
@@ -195,13 +209,8 @@ def kd_loss_fwd_kernel(
             _store_grad_block(g_row, cols, cols < C, s, t, lse_s_t, lse_t_t, lse_1, y, scale,
                               inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET)
         else:
-            for start in range(0, C, BLOCK):
-                c = start + cols
-                mask = c < C
-                s = tl.load(s_row + c * s_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
-                t = tl.load(t_row + c * t_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
-                _store_grad_block(g_row, c, mask, s, t, lse_s_t, lse_t_t, lse_1, y, scale,
-                                  inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET)
+            _stream_grad_row(s_row, t_row, g_row, C, s_stride_c, t_stride_c, lse_s_t, lse_t_t, lse_1, y, scale,
+                             inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET, BLOCK)
 
 
 @triton.jit
@@ -236,13 +245,8 @@ def kd_loss_bwd_kernel(
         _store_grad_block(g_row, cols, mask, s, t, lse_s_t, lse_t_t, lse_1, y, scale,
                           inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET)
     else:
-        for start in range(0, C, BLOCK):
-            c = start + cols
-            mask = c < C
-            s = tl.load(s_row + c * s_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
-            t = tl.load(t_row + c * t_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
-            _store_grad_block(g_row, c, mask, s, t, lse_s_t, lse_t_t, lse_1, y, scale,
-                              inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET)
+        _stream_grad_row(s_row, t_row, g_row, C, s_stride_c, t_stride_c, lse_s_t, lse_t_t, lse_1, y, scale,
+                         inv_t, kl_grad_scale, ce_weight, keep, HAS_TARGET, BLOCK)
 
 
 # The streaming path on a GPU picks its block and warps by autotuning per C. Only ever launched with a live

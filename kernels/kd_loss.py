@@ -237,6 +237,10 @@ def _(s, t, target, scale, temperature, alpha, ignore_index, mode, use_triton):
 def _kd_loss_backward(s: Tensor, t: Tensor, target: Optional[Tensor], stats: Tensor, grad_rows: Tensor,
                       temperature: float, alpha: float, ignore_index: int) -> Tensor:
     """Triton: grad_rows[i] · ∂ℓᵢ/∂sᵢ, recomputed from the saved log-sum-exps."""
+    return _recomputed_grad(s, t, target, stats, grad_rows, temperature, alpha, ignore_index)
+
+
+def _recomputed_grad(s, t, target, stats, grad_rows, temperature, alpha, ignore_index):
     grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     launch_kd_backward(s, t, target, stats, grad_rows.to(torch.float32).contiguous(), temperature, alpha,
                        ignore_index, grad)
@@ -289,11 +293,9 @@ class _EagerKDLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
-        if ctx.mode == STATS:  # straight to the kernel launch, as the op's backward would
+        if ctx.mode == STATS:  # straight to the kernel launch, not through the backward op's dispatch
             s, t, target, stats = ctx.saved_tensors
-            grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-            launch_kd_backward(s, t, target, stats, grad_rows.to(torch.float32).contiguous(), *ctx.hyper, grad)
-            return grad, None, None, None, None, None, None, None, None
+            return _recomputed_grad(s, t, target, stats, grad_rows, *ctx.hyper), *(None,) * 8
         return _backward(ctx, grad_rows, None, None)
 
 
