@@ -11,8 +11,9 @@ How the gradient is made (no path has a host sync; all are traceable by torch.co
   (N, C) buffer between forward and backward.
 * `fused_backward=True` (fastkd's own training steps): the forward writes ∂s already scaled by the reduction and the
   backward hands it to autograd as it is: 3·N·C elements for C ≤ 8192, the floor (read s, t, write ∂s).
-* CPU (inductor-compiled closed forms): compute-bound rather than bandwidth-bound, so the forward writes ∂s while
-  the exponentials are at hand and the backward scales it (or, fused, returns it).
+* CPU (inductor-compiled closed forms): compute-bound rather than bandwidth-bound, so the forward writes ∂s of the
+  reduced loss while the exponentials are at hand (the reduction is taken in the same kernel), and the backward
+  multiplies it by the incoming gradient, or returns it as it is when that is 1 (eager) or promised to be (fused).
 """
 import functools
 import math
@@ -29,12 +30,13 @@ __all__ = ["kd_loss", "KDLoss", "kd_loss_reference"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
+NONE, SUM, MEAN = (_REDUCTIONS.index(r) for r in ("none", "sum", "mean"))  # the op's `reduction` argument
 _BACKENDS = ("auto", "triton", "torch")
 
 # What the forward op produces besides the per-row losses.
 LOSS_ONLY = 0  # nothing: no gradient is needed
 STATS = 1  # per-row log-sum-exps for the Triton backward kernel (the generic autograd path)
-GRAD = 2  # the per-row gradient, scaled by the incoming gradient in the backward (the CPU generic path)
+GRAD = 2  # the gradient of the reduced loss (of each row for "none"), times the incoming gradient in the backward
 FUSED = 3  # the gradient already scaled by the reduction, returned as it is by the backward (fused_backward=True)
 
 
@@ -101,14 +103,15 @@ def launch_kd_backward(s, t, target, stats, grad_rows, temperature, alpha, ignor
         _tk.kd_loss_bwd_stream_kernel[(n,)](*args, HAS_TARGET=target is not None, SINGLE_BLOCK=False)
 
 
-def _triton_forward(s, t, target, scale, temperature, alpha, ignore_index, mode):
+def _triton_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction):
     n, c = s.shape
     rows = torch.empty(n, dtype=_result_dtype(s), device=s.device)
     stats = torch.empty((n, _tk.STATS_PER_ROW) if mode == STATS else (0,), dtype=torch.float32, device=s.device)
-    grad = torch.empty((n, c) if mode in (GRAD, FUSED) else (0,), dtype=s.dtype, device=s.device)
-    launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad if grad.numel() else None,
-                     stats if mode == STATS else None, scale if mode == FUSED else None)
-    return rows, stats, grad
+    grad = torch.empty((n, c) if mode == FUSED else (0,), dtype=s.dtype, device=s.device)
+    scale = _reduction_scale(s, target, ignore_index, _REDUCTIONS[reduction]) if mode == FUSED else None
+    launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad if mode == FUSED else None,
+                     stats if mode == STATS else None, scale)
+    return _reduce(rows, target, ignore_index, _REDUCTIONS[reduction]), stats, grad
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -121,23 +124,20 @@ def _finite_max(x: Tensor) -> Tensor:
     return torch.where(m == -math.inf, 0.0, m)
 
 
-SUM_BLOCK = 64
-
-
 def _row_sum(x: Tensor) -> Tensor:
-    """(N, 1) float64 row sums of x, nearly as accurate as a float64 sum and nearly as fast as a float32 one:
-    blocks of SUM_BLOCK columns are added in x's dtype (a few roundings each), the block sums in float64."""
-    n, c = x.shape
-    blocks = F.pad(x, (0, -c % SUM_BLOCK)).view(n, -1, SUM_BLOCK).sum(2)
-    return blocks.to(torch.float64).sum(1, keepdim=True)
+    """(N, 1) float64 row sums of x. Inductor fuses the widening into the reduction loop, which then runs about as
+    fast as a float32 sum (a blockwise float32-then-float64 sum was slower: its padding made inductor store a
+    logit-sized buffer of exponentials)."""
+    return x.to(torch.float64).sum(1, keepdim=True)
 
 
-def _analytic_forward(s, t, target, params, ignore_index, scale, write_grad: bool):
-    """Loss rows and (write_grad) the student gradient times `scale`, from closed forms, no autograd.
+def _analytic_forward(s, t, target, params, ignore_index, is_mean, write_grad: bool):
+    """Loss rows, their sum or mean, and (write_grad) the student gradient of that reduced loss (of the rows
+    themselves for reduction "none", which passes is_mean = 0), from closed forms, no autograd.
 
-    `params` holds 1/T, α·T², α·T and 1 − α, and `ignore_index` and `scale` are 0-d tensors: the compiled kernel
-    sees them as inputs, so a new temperature, α or ignore_index never recompiles it. The KL's row sums are
-    accumulated blockwise into float64 (_row_sum): the KL, formed as Σ p_t·(t − s)/T − (m_t − m_s) − log(d_t / d_s),
+    `params` holds 1/T, α·T², α·T and 1 − α, and `ignore_index` and `is_mean` are 0-d tensors: the compiled kernel
+    sees them as inputs, so a new temperature, α, ignore_index or reduction never recompiles it. The KL's row sums are
+    accumulated in float64 (_row_sum): the KL, formed as Σ p_t·(t − s)/T − (m_t − m_s) − log(d_t / d_s),
     then loses nothing to the cancellation of two log-sum-exps near log C (the Triton kernel uses a shifted form
     instead: _kd_loss_triton._kl).
     """
@@ -174,31 +174,33 @@ def _analytic_forward(s, t, target, params, ignore_index, scale, write_grad: boo
             grad = torch.where(poison[:, None], math.nan, grad)
             grad = torch.where(keep[:, None], grad, 0.0)
     rows = rows.to(_result_dtype(s))
+    # The reduction here too: in the kernel it costs nothing, as separate ops it cost more than the loss at small N.
+    counted = torch.ones_like(rows) if target is None else (target != ignore_index).to(rows.dtype)
+    scale = torch.where(is_mean > 0, 1.0 / counted.sum().clamp(min=1), 1.0)
+    reduced = rows.sum() * scale
     grad = (grad * scale).to(s.dtype) if write_grad else s.new_empty(0)
-    return rows, grad
+    return rows, reduced, grad
 
 
 _compiled_analytic = None
 
 
 @functools.lru_cache(maxsize=64)
-def _cpu_constants(temperature: float, alpha: float, ignore_index: int, dtype: torch.dtype):
+def _cpu_constants(temperature: float, alpha: float, ignore_index: int, reduction: int, dtype: torch.dtype):
     """The compiled CPU kernel's scalar inputs as 0-d tensors (never written to, so they can be shared)."""
     return (torch.tensor(_scalars(temperature, alpha), dtype=dtype), torch.tensor(ignore_index),
-            torch.ones((), dtype=dtype))
+            torch.tensor(float(reduction == MEAN), dtype=dtype))
 
 
-def _cpu_forward(s, t, target, scale, temperature, alpha, ignore_index, mode):
+def _cpu_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction):
     # Inductor fuses the closed forms into a few vectorised C++ loops: faster on CPU than eager ATen ops, and
     # faster than compiling the autograd reference. The batch dimension is marked dynamic so that a changing N
-    # (an evaluation tail batch) does not recompile; C stays static (one compile per class count), which
+    # (an evaluation tail batch) does not recompile; C stays static (one compile for each class count), which
     # vectorises markedly better than a symbolic C.
     global _compiled_analytic
     if _compiled_analytic is None:
         _compiled_analytic = torch.compile(_analytic_forward, dynamic=False)
-    compute = _result_dtype(s)
-    params, ignore, one = _cpu_constants(temperature, alpha, ignore_index, compute)
-    scale = scale.to(compute) if mode == FUSED else one
+    params, ignore, is_mean = _cpu_constants(temperature, alpha, ignore_index, reduction, _result_dtype(s))
     # Mark fresh aliases, not the caller's tensors: a marking left on them would make an enclosing compiled graph
     # see a changed input and recompile.
     s, t = s.detach(), t.detach()
@@ -209,8 +211,8 @@ def _cpu_forward(s, t, target, scale, temperature, alpha, ignore_index, mode):
     # kernel) or included (inside an enclosing compiled graph); the compiled kernel's guards see the difference and
     # would compile it twice. It needs no view tracking, so it always runs below that key.
     with torch._C._AutoDispatchBelowADInplaceOrView():
-        rows, grad = _compiled_analytic(s, t, target, params, ignore, scale, mode in (GRAD, FUSED))
-    return rows, s.new_empty(0, dtype=torch.float32), grad
+        rows, reduced, grad = _compiled_analytic(s, t, target, params, ignore, is_mean, mode in (GRAD, FUSED))
+    return rows if reduction == NONE else reduced, s.new_empty(0, dtype=torch.float32), grad
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -218,19 +220,20 @@ def _cpu_forward(s, t, target, scale, temperature, alpha, ignore_index, mode):
 # --------------------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastkd::kd_loss_forward", mutates_args=())
-def _kd_loss_forward(s: Tensor, t: Tensor, target: Optional[Tensor], scale: Optional[Tensor], temperature: float,
-                     alpha: float, ignore_index: int, mode: int, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(per-row losses, STATS: (N, 3) log-sum-exps, GRAD/FUSED: (N, C) gradient); unused outputs are empty."""
+def _kd_loss_forward(s: Tensor, t: Tensor, target: Optional[Tensor], temperature: float, alpha: float,
+                     ignore_index: int, mode: int, reduction: int, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(the reduced loss, or the per-row losses for NONE; STATS: (N, 3) log-sum-exps; GRAD/FUSED: (N, C) gradient
+    of the reduced loss); unused outputs are empty."""
     implementation = _triton_forward if use_triton else _cpu_forward
-    return implementation(s, t, target, scale, temperature, alpha, ignore_index, mode)
+    return implementation(s, t, target, temperature, alpha, ignore_index, mode, reduction)
 
 
 @_kd_loss_forward.register_fake
-def _(s, t, target, scale, temperature, alpha, ignore_index, mode, use_triton):
+def _(s, t, target, temperature, alpha, ignore_index, mode, reduction, use_triton):
     n, c = s.shape
     stats = s.new_empty((n, _tk.STATS_PER_ROW) if mode == STATS else (0,), dtype=torch.float32)
     grad = s.new_empty((n, c) if mode in (GRAD, FUSED) else (0,))
-    return s.new_empty(n, dtype=_result_dtype(s)), stats, grad
+    return s.new_empty((n,) if reduction == NONE else (), dtype=_result_dtype(s)), stats, grad
 
 
 @torch.library.custom_op("fastkd::kd_loss_backward", mutates_args=())
@@ -253,28 +256,43 @@ def _(s, t, target, stats, grad_rows, temperature, alpha, ignore_index):
 
 
 def _setup_context(ctx, inputs, output):
-    s, t, target, _, temperature, alpha, ignore_index, mode, _ = inputs
-    ctx.mode, ctx.hyper = mode, (temperature, alpha, ignore_index)
+    s, t, target, temperature, alpha, ignore_index, mode, reduction, _ = inputs
+    ctx.mode, ctx.reduction, ctx.hyper = mode, reduction, (temperature, alpha, ignore_index)
     if mode == STATS:
         ctx.save_for_backward(s, t, target, output[1])
     else:
         ctx.save_for_backward(output[2])
 
 
-def _backward(ctx, grad_rows, _grad_of_stats, _grad_of_grad):
+def _row_gradients(ctx, grad_loss, s, target):
+    """What the reduction's backward sends to each row: grad_loss itself for NONE, else grad_loss times
+    ∂(reduced loss)/∂(row loss), expanded to the N rows."""
+    if ctx.reduction == NONE:
+        return grad_loss
+    scale = _reduction_scale(s, target, ctx.hyper[2], _REDUCTIONS[ctx.reduction])
+    return (grad_loss * scale).expand(s.shape[0])
+
+
+def _backward(ctx, grad_loss, _grad_of_stats, _grad_of_grad):
     if ctx.mode == LOSS_ONLY:
         raise RuntimeError("kd_loss: backward through a call made without a student gradient "
                            "(student_logits did not require grad)")
     if ctx.mode == STATS:
         s, t, target, stats = ctx.saved_tensors
-        student_grad = _kd_loss_backward(s, t, target, stats, grad_rows, *ctx.hyper)
+        student_grad = _kd_loss_backward(s, t, target, stats, _row_gradients(ctx, grad_loss, s, target), *ctx.hyper)
     elif ctx.mode == GRAD:
         (grad,) = ctx.saved_tensors
-        # grad[i, :] · grad_rows[i], multiplied in float32 (float64 for float64), in grad's dtype.
-        student_grad = (grad.to(_result_dtype(grad)) * grad_rows[:, None]).to(grad.dtype)
-    else:  # FUSED: already scaled by the reduction; the caller guarantees an incoming gradient of 1
+        student_grad = _scaled(grad, grad_loss)
+    else:  # FUSED: the caller guarantees an incoming gradient of 1
         (student_grad,) = ctx.saved_tensors
-    return student_grad, None, None, None, None, None, None, None, None
+    return student_grad, *(None,) * 8
+
+
+def _scaled(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """The saved gradient (of the reduced loss, or of each row for NONE) times the incoming gradient, multiplied in
+    float32 (float64 for float64), in grad's dtype."""
+    factor = grad_loss[:, None] if grad_loss.dim() == 1 else grad_loss
+    return (grad.to(_result_dtype(grad)) * factor).to(grad.dtype)
 
 
 _kd_loss_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -285,18 +303,24 @@ class _EagerKDLoss(torch.autograd.Function):
     whole loss at small sizes on a CPU. Under torch.compile the op is used, since Dynamo must see it as one."""
 
     @staticmethod
-    def forward(ctx, s, t, target, scale, temperature, alpha, ignore_index, mode, use_triton):
+    def forward(ctx, *inputs):
+        *_, use_triton = inputs
         implementation = _triton_forward if use_triton else _cpu_forward
-        output = implementation(s, t, target, scale, temperature, alpha, ignore_index, mode)
-        _setup_context(ctx, (s, t, target, scale, temperature, alpha, ignore_index, mode, use_triton), output)
+        output = implementation(*inputs[:-1])
+        _setup_context(ctx, inputs, output)
         return output[0]
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_loss):
         if ctx.mode == STATS:  # straight to the kernel launch, not through the backward op's dispatch
             s, t, target, stats = ctx.saved_tensors
-            return _recomputed_grad(s, t, target, stats, grad_rows, *ctx.hyper), *(None,) * 8
-        return _backward(ctx, grad_rows, None, None)
+            return _recomputed_grad(s, t, target, stats, _row_gradients(ctx, grad_loss, s, target),
+                                    *ctx.hyper), *(None,) * 8
+        if ctx.mode == GRAD and grad_loss.dim() == 0 and not grad_loss.is_cuda and grad_loss.item() == 1.0:
+            # `loss.backward()` on the CPU: the saved gradient is the answer, as it is. (Reading a CPU scalar is no
+            # device sync; a compiled graph takes the multiply in _backward instead, as it cannot branch on it.)
+            return ctx.saved_tensors[0], *(None,) * 8
+        return _backward(ctx, grad_loss, None, None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -426,16 +450,15 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
         return kd_loss_reference(student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
                                  ignore_index=ignore_index, reduction=reduction)
     use_triton = _use_triton(student_logits, backend)
-    scale = None
     if not (student_logits.requires_grad and torch.is_grad_enabled()):
         mode = LOSS_ONLY
     elif fused_backward:
-        mode, scale = FUSED, _reduction_scale(student_logits, target, ignore_index, reduction)
+        mode = FUSED
     else:
         mode = STATS if use_triton else GRAD
-    args = (student_logits, teacher_logits.detach(), target, scale, temperature, alpha, ignore_index, mode, use_triton)
-    rows = _kd_loss_forward(*args)[0] if torch.compiler.is_compiling() else _EagerKDLoss.apply(*args)
-    return _reduce(rows, target, ignore_index, reduction)
+    args = (student_logits, teacher_logits.detach(), target, temperature, alpha, ignore_index, mode,
+            _REDUCTIONS.index(reduction), use_triton)
+    return _kd_loss_forward(*args)[0] if torch.compiler.is_compiling() else _EagerKDLoss.apply(*args)
 
 
 def _reduction_scale(s: Tensor, target: Optional[Tensor], ignore_index: int, reduction: str) -> Tensor:

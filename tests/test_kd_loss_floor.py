@@ -80,12 +80,30 @@ def test_the_generic_path_keeps_no_logit_sized_buffer_between_forward_and_backwa
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         loss = kd_loss(s, t, torch.randint(0, 300, (5,)), backend="triton")
     big = [x for x in saved if x.numel() >= s.numel()]
-    # Only the inputs themselves (no copy): s and t. Besides: 3 log-sum-exps and the target a row, and the mean's
-    # row count.
+    # Only the inputs themselves (no copy): s and t. Besides: 3 log-sum-exps and the target a row (the mean is
+    # taken inside the op, whose backward recounts the kept rows from the target).
     assert {x.untyped_storage().data_ptr() for x in big} <= {s.untyped_storage().data_ptr(),
                                                               t.untyped_storage().data_ptr()}, [x.shape for x in big]
-    assert sum(x.numel() for x in saved if x.numel() < s.numel()) == 5 * (3 + 1) + 1
+    assert sum(x.numel() for x in saved if x.numel() < s.numel()) == 5 * (3 + 1)
     loss.backward()
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_retained_graph_gives_the_same_gradient_again_and_a_scaled_loss_a_scaled_one(backend, reduction):
+    """The CPU backward hands its saved gradient to autograd as it is when the incoming gradient is 1: a second
+    backward through the retained graph must still see it unchanged, and a weighted loss must scale it."""
+    torch.manual_seed(5)
+    s, t = (torch.randn(6, 301) * 3).requires_grad_(), torch.randn(6, 301) * 3
+    y = torch.randint(0, 301, (6,))
+    loss = kd_loss(s, t, y, temperature=2.0, alpha=0.4, reduction=reduction, backend=backend)
+    loss.backward(retain_graph=True)
+    once = s.grad.clone()
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(s.grad, 2 * once, rtol=0, atol=0)  # x + x is exact
+    s.grad = None
+    (2.5 * loss).backward()
+    torch.testing.assert_close(s.grad, 2.5 * once, rtol=2e-7, atol=0)  # one rounding of the product apart
 
 
 @pytest.mark.parametrize("backend", ["triton", "auto"])
@@ -114,7 +132,7 @@ def test_fused_backward_needs_a_reduced_loss():
         kd_loss(s, torch.randn(2, 5), fused_backward="yes")
 
 
-def test_fifty_temperatures_alphas_and_ignore_indices_compile_the_cpu_kernel_once():
+def test_fifty_temperatures_alphas_ignore_indices_and_reductions_compile_the_cpu_kernel_once():
     torch._dynamo.reset()
     torch.manual_seed(0)
     s, t = torch.randn(16, 200), torch.randn(16, 200)
@@ -124,10 +142,11 @@ def test_fifty_temperatures_alphas_and_ignore_indices_compile_the_cpu_kernel_onc
         for i in range(50):
             n = 16 if i % 2 else 24  # a changing batch size too (the tail batch of an evaluation)
             s_i = torch.randn(n, 200).requires_grad_()
+            reduction = ("mean", "sum", "none")[i % 3]  # the reduction is a kernel input too
             loss = kd_loss(s_i, torch.randn(n, 200), torch.randint(0, 200, (n,)), temperature=0.5 + 0.1 * i,
-                           alpha=i / 49, ignore_index=-100 - i)
-            loss.backward()
-            assert torch.isfinite(loss)
+                           alpha=i / 49, ignore_index=-100 - i, reduction=reduction)
+            loss.sum().backward()
+            assert torch.isfinite(loss).all()
 
 
 def float64_rows(s, t, y, temperature, alpha):
