@@ -15,7 +15,8 @@ def main(path: str) -> None:
     if steps:
         info = steps[0]["extra_info"]
         throughput_table(steps, f"spaced KD training step ({info['model']}, batch {info['batch']})", "variant",
-                         "eager")
+                         "eager-fp32-nchw")
+    overhead_table([r for r in runs if "loop" in r["extra_info"]])
     throughput_table([r for r in runs if "loader" in r["extra_info"]],
                      "training loader, one epoch at Tiny-ImageNet's shape (64×64 JPEG, batch 128)", "loader", "torch")
 
@@ -57,6 +58,18 @@ def throughput_table(runs: list, title: str, key: str, baseline: str) -> None:
         info, median = run["extra_info"], run["stats"]["median"]
         ratio = f"{medians[baseline] / median:.2f}×" if baseline in medians else "n/a"
         print(f"| {info[key]} | {median * 1e3:.1f} | {info['images_per_round'] / median:.0f} | {ratio} |")
+
+
+def overhead_table(runs: list) -> None:
+    """The engine against a bare loop over the same compiled step: time per step and the engine's extra."""
+    medians = {r["extra_info"]["loop"]: r["stats"]["median"] / r["extra_info"]["steps"] for r in runs}
+    if set(medians) != {"bare", "engine"}:
+        return
+    print(f"\nhost overhead per step on {runs[0]['extra_info']['device']}\n")
+    print("| loop | median ms per step | vs bare |")
+    print("|---|---|---|")
+    for loop in ("bare", "engine"):
+        print(f"| {loop} | {medians[loop] * 1e3:.3f} | {medians[loop] / medians['bare'] - 1:+.1%} |")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
     parallel, device = join(cfg.device)
     try:
         batches = _batches(cfg, train_data, test_data, device, parallel, num_workers)
+        if cfg.channels_last:
+            batches.memory_format = torch.channels_last
         models = _models(cfg, teacher, student, batches.info)
         if any(x is not None and not isinstance(x, str) for x in (teacher, student, train_data)):
             num_classes = check_models(cfg.method, models, batches, device)
@@ -125,6 +127,7 @@ def config_from_settings(settings: dict) -> Config:
 
 
 def _check_resumable(cfg: Config, saved: dict) -> None:
+    saved = {"precision": "fp32", "channels_last": False, **saved}  # what runs saved before these settings existed
     differing = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
     if differing:
         raise ValueError(f"--resume: these settings differ from the saved run: {', '.join(differing)} "

@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .precision import check_precision, default_precision
 from .schedule import DEFAULT_INTERVAL, METHODS
 
 # Paper defaults (Sun et al., ICML 2025): T=3, α=0.3, β=0.03, SGD momentum 0.9, weight decay 5e-4, batch 128.
@@ -34,6 +35,8 @@ class Config:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    precision: Optional[str] = None  # "fp32" or "bf16"; None: bf16 on a CUDA device that has it, else fp32
+    channels_last: bool = False  # models and batches in channels-last memory format
     train_subset: Optional[int] = None
     eval_batch_size: int = 512
     # Quirks of the official code, each off by default (see docs in README and DESIGN).
@@ -43,9 +46,12 @@ class Config:
     preset: Optional[str] = None
 
     def resolve_defaults(self) -> "Config":
-        """Fill the dataset-dependent defaults (the model) so that config.json says exactly what ran."""
+        """Fill the dataset- and device-dependent defaults (the models, the precision) so that config.json says
+        exactly what ran."""
         default_model = DEFAULT_MODELS.get(self.dataset, "resnet18")
-        return dataclasses.replace(self, teacher=self.teacher or default_model, student=self.student or default_model)
+        precision = self.precision or default_precision(self.device)
+        return dataclasses.replace(self, teacher=self.teacher or default_model, student=self.student or default_model,
+                                   precision=precision)
 
     def resolved_interval(self) -> Optional[float]:
         if self.method not in DEFAULT_INTERVAL:
@@ -77,7 +83,7 @@ def check_types(settings: dict) -> None:
             raise ValueError(f"{key} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
 
 
-_OPTIONAL_TYPES = {"interval": (int, float), "train_subset": (int,)}
+_OPTIONAL_TYPES = {"interval": (int, float), "train_subset": (int,), "precision": (str,)}
 
 
 def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
@@ -116,3 +122,5 @@ def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
         raise ValueError(f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise ValueError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    if cfg.precision is not None:
+        check_precision(cfg.precision, cfg.device)

@@ -19,10 +19,12 @@ from torch import nn
 from . import checkpoint
 from .config import Config
 from .distributed import SINGLE_PROCESS, DataParallel, fingerprint
-from .optim import init_momentum, lr_at, make_sgd, set_lr
+from .optim import init_momentum, make_sgd
+from .books import LrSchedule, NonFiniteGuard, RunningMean, StepBooks
 from .outputs import Progress, RunDirectory, Trace, describe, epoch_record
+from .precision import AUTOCAST_DTYPES, autocast
 from .schedule import SELF_METHODS, Step, plan_steps
-from .updates import MAX_TERMS, TERM_NAMES, LossSettings, Updates
+from .updates import LossSettings, Updates
 
 
 def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, device: torch.device,
@@ -40,7 +42,8 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
     parallel = parallel.for_steps(cfg.compile)
     roles = build_roles(cfg, models, plan, device, parallel)
     updates = Updates(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities), cfg.compile,
-                      device, parallel=parallel)
+                      device, parallel=parallel, precision=cfg.precision)
+    test_forward = TestForward(AUTOCAST_DTYPES[cfg.precision], cfg.compile)
     if cfg.compile and parallel.is_main:
         print("fastkd: --compile: each step compiled whole with inductor; "
               + ("captured in CUDA graphs." if updates.cuda_graphs else "CUDA graphs skipped (not on a CUDA device)."))
@@ -49,15 +52,17 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
     accuracy, images, first = {}, 0, 0
     if resume:
         first, images, accuracy = _restore(resume, roles, losses)
+    # The lr schedule, the loss totals and the non-finite guard advance inside each step's graph.
+    guard = NonFiniteGuard(device, steps_done=first)
+    books = {name: StepBooks(roles[name].schedule, losses[name], guard) for name in losses}
     progress = Progress(len(plan)) if not quiet and parallel.is_main else None
-    guard, window = NonFiniteGuard(device), Throughput()
+    window = Throughput()
     start, live_logits = time.perf_counter(), None
     with StopSignals() as stop:
         for done, (step, batch) in enumerate(batches_along(plan, first, batches, check_replay), first + 1):
             role = roles[step.role]
-            loss, terms, live_logits = run_step(step, role, roles, updates, batch, live_logits, cfg)
-            losses[step.role].add(loss)
-            guard.watch(loss, terms, done)
+            live_logits = run_step(step, role, roles, updates, batch, live_logits, cfg, books[step.role])
+            losses[step.role].count += 1
             images += cfg.batch_size
             window.add(cfg.batch_size)
             if trace_path:  # the global batch: every rank's share, gathered (a collective: on every rank)
@@ -69,7 +74,7 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
 
             if (step.batch + 1) % per_epoch == 0:  # this role finished an epoch's last batch
                 images_per_s = window.rate()
-                accuracy[role.name] = evaluate(role.model, batches, cfg.eval_batch_size, parallel)
+                accuracy[role.name] = evaluate(role.model, batches, cfg.eval_batch_size, parallel, test_forward)
                 record = epoch_record(step, step.batch // per_epoch, losses[step.role].read_and_reset(parallel),
                                       float(role.optimizer.param_groups[0]["lr"]), images_per_s, accuracy)
                 run_dir.log(record)
@@ -99,13 +104,15 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
 class Role:
     """A network that trains: its model, its optimizer, and where it stands in its own lr schedule.
 
-    `stepper` is what its steps call: the model itself, or its DistributedDataParallel wrapper.
+    `stepper` is what its steps call: the model itself, or its DistributedDataParallel wrapper. `steps_done` counts
+    on the host what `schedule.steps` counts on the device (read by checkpoints without a sync).
     """
     name: str
     model: nn.Module
     optimizer: torch.optim.SGD
     total_steps: int
     stepper: nn.Module
+    schedule: LrSchedule
     steps_done: int = 0
 
 
@@ -114,11 +121,12 @@ def build_roles(cfg: Config, models: dict, plan: list[Step], device, parallel: D
     network under both names, with one optimizer and one schedule over all steps. Each lr schedule spans its
     optimizer's own number of steps in the plan."""
     def role(name, model, total_steps):
-        model = model.to(device)
+        model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         optimizer = make_sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
         init_momentum(optimizer)
         stepper = parallel.wrap(model, device, find_unused=cfg.method in SELF_METHODS)
-        return Role(name, model, optimizer, total_steps, stepper)
+        schedule = LrSchedule(optimizer, cfg.lr_schedule, cfg.lr, total_steps, device)
+        return Role(name, model, optimizer, total_steps, stepper, schedule)
 
     if cfg.method in SELF_METHODS:
         shared = role("self", models["student"], len(plan))
@@ -175,52 +183,29 @@ class ReplayCheck:
             yield batch
 
 
-def run_step(step: Step, role: Role, roles: dict, updates: Updates, batch, live_logits, cfg: Config):
-    """One optimizer step of `role` on `batch`; returns (loss, per-term values, a CE step's logits or None).
-
-    Outputs are copied out of the step's (CUDA-graph) memory before another step can overwrite them.
-    """
-    set_lr(role.optimizer, lr_at(cfg.lr_schedule, cfg.lr, role.steps_done, role.total_steps))
+def run_step(step: Step, role: Role, roles: dict, updates: Updates, batch, live_logits, cfg: Config,
+             books: StepBooks):
+    """One optimizer step of `role` on `batch`, its lr, loss and guard kept by `books` inside the step; returns a CE
+    step's logits (for online KD's next step), copied out of the step's CUDA-graph memory, or None."""
     role.steps_done += 1
     model, opt, x, y = role.stepper, role.optimizer, batch.x, batch.y
     if step.kind == "ce":
-        loss, terms, logits = updates("ce", model, opt, x, y)
-        return loss.clone(), terms.clone(), logits.clone()
+        _, _, logits = updates("ce", model, opt, x, y, books=books)
+        return logits.clone()
     if step.kind == "distill_live":  # online: the logits of the teacher's own forward on this batch
-        loss, terms = updates("distill_live", model, opt, x, y, live_logits)
+        updates("distill_live", model, opt, x, y, live_logits, books=books)
     elif step.kind == "distill":
         teacher = roles["teacher"].model  # a no-grad forward: never through DDP
         # Default: eval mode, BatchNorm running statistics untouched. Official quirk: train mode during replay.
         teacher.train(cfg.teacher_train_mode_replay)
-        loss, terms = updates("distill", model, teacher, opt, x, y)
+        updates("distill", model, teacher, opt, x, y, books=books)
         teacher.train(True)
     else:  # advance, self_distill
-        loss, terms = updates(step.kind, model, opt, x, y)
-    return loss.clone(), terms.clone(), None
+        updates(step.kind, model, opt, x, y, books=books)
+    return None
 
 
 # ---- what is measured -------------------------------------------------------------------------------------------
-
-class RunningMean:
-    """Losses summed on the device (no host sync per step), read once per epoch record."""
-
-    def __init__(self, device):
-        self.total, self.count = torch.zeros((), device=device), 0
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.total += loss
-        self.count += 1
-
-    def rank_mean_total(self, parallel: DataParallel) -> float:
-        return float(parallel.all_sum(self.total.clone())) / parallel.size
-
-    def read_and_reset(self, parallel: DataParallel) -> float:
-        """The mean over this role's steps since the last read, and over the ranks."""
-        mean = self.rank_mean_total(parallel) / max(1, self.count)
-        self.total.zero_()
-        self.count = 0
-        return mean
-
 
 class Throughput:
     """Images per second since the last restart."""
@@ -238,8 +223,26 @@ class Throughput:
         return self.images / max(1e-9, time.perf_counter() - self.start)
 
 
+def _test_forward(model: nn.Module, x: torch.Tensor, amp: Optional[torch.dtype]):
+    with autocast(amp, x.device.type):
+        return model(x)
+
+
+class TestForward:
+    """The evaluation forward, in the run's precision; compiled with --compile (one graph for each model and test
+    batch shape, so the full batch and the tail: none more across epochs)."""
+
+    def __init__(self, amp: Optional[torch.dtype] = None, compile: bool = False):
+        self.amp = amp
+        self.forward = torch.compile(_test_forward, fullgraph=True, dynamic=False) if compile else _test_forward
+
+    def __call__(self, model: nn.Module, x: torch.Tensor):
+        return self.forward(model, x, self.amp)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, batch_size: int, parallel: DataParallel = SINGLE_PROCESS) -> dict:
+def evaluate(model: nn.Module, batches, batch_size: int, parallel: DataParallel = SINGLE_PROCESS,
+             forward: TestForward = TestForward()) -> dict:
     """Top-1 and top-5 (%) on every test sample; for a multi-exit net, the deepest head plus every head's top-1.
 
     Under data parallelism each rank evaluates every size-th test batch with rank 0's BatchNorm statistics, and the
@@ -252,7 +255,7 @@ def evaluate(model: nn.Module, batches, batch_size: int, parallel: DataParallel 
     for i, (x, y) in enumerate(batches.test_batches(batch_size)):
         if i % parallel.size != parallel.rank:
             continue
-        out = model(x)
+        out = forward(model, x)
         heads = out[0] if isinstance(out, (tuple, list)) else None
         logits = heads[-1] if heads is not None else out
         if counts is None:
@@ -273,35 +276,6 @@ def evaluate(model: nn.Module, batches, batch_size: int, parallel: DataParallel 
     if heads_correct:
         result["heads_top1"] = [round(100.0 * c / total, 2) for c in heads_correct]
     return result
-
-
-class NonFiniteGuard:
-    """Remembers on the device the first step whose loss was not finite: no host sync per step."""
-
-    def __init__(self, device):
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.terms = torch.zeros(MAX_TERMS, device=device)
-
-    def watch(self, loss: torch.Tensor, terms: torch.Tensor, step: int) -> None:
-        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, step, self.first_bad)
-        self.terms = torch.where(bad, terms, self.terms)
-
-    def check(self, plan: list[Step], parallel: DataParallel = SINGLE_PROCESS) -> None:
-        """Raise, on every rank, if any rank saw a non-finite loss: naming the step, the term and the rank."""
-        step = int(self.first_bad)  # one host read, at checkpoint time
-        problem = None
-        if step >= 0:
-            s = plan[step - 1]
-            finite = torch.isfinite(self.terms).tolist()
-            culprit = next((name for name, ok in zip(TERM_NAMES[s.kind], finite) if not ok), "the total")
-            problem = (f"non-finite training loss at step {step} ({s.role} {s.kind} step on batch {s.batch}): "
-                       f"{culprit} went non-finite")
-        problems = [(rank, p) for rank, p in enumerate(parallel.gather_objects(problem)) if p]
-        if problems:
-            rank, problem = problems[0]
-            where = f" (rank {rank})" if parallel.launched else ""
-            raise ValueError(f"{problem}{where}; stopped, the last good checkpoint is kept")
 
 
 # ---- stopping, saving and finishing ------------------------------------------------------------------------------
@@ -348,6 +322,7 @@ def _save_checkpoint(cfg, done, roles, losses, accuracy, images, run_dir, trace,
 def _restore(state: dict, roles: dict, losses: dict) -> tuple[int, int, dict]:
     for role in _networks(roles).values():
         role.steps_done = checkpoint.restore_network(state["roles"][role.name], role.model, role.optimizer)
+        role.schedule.steps.fill_(role.steps_done)
     for name, (total, count) in state["losses"].items():
         losses[name].total.fill_(total)
         losses[name].count = count

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=DEFAULTS.device,
       help="auto, cpu, cuda or cuda:N (under torchrun, cuda gives rank k the GPU cuda:LOCAL_RANK)")
     a("--compile", action="store_true", help="compile the step functions with torch.compile")
+    a("--precision", default=None,
+      help="fp32 or bf16: the forward passes under autocast to bf16, weights and SGD state float32 (default: bf16 on "
+           "a CUDA GPU that has it, else fp32; fp16 is refused: it would need loss scaling)")
+    a("--channels-last", action="store_true", default=None,
+      help="models and batches in channels-last memory format (faster convolutions on tensor-core GPUs)")
     a("--preset", choices=tuple(PRESETS), default=None,
       help="official: the official code's settings and quirks (lr 0.01 constant, 80 epochs, all three quirks)")
     a("--out", default=None, help="run directory (default runs/<time>-<method>)")

@@ -4,8 +4,9 @@ shapes, the optimizer update inside and no host sync, so that each compiles whol
 Every soft-target loss goes through `fastkd.kernels.kd_loss`, except the official code's KL-on-probabilities
 quirk, which is reproduced as written there.
 """
+import types
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,10 @@ from fastkd.kernels.kd_loss import kd_loss
 
 from .distributed import SINGLE_PROCESS, DataParallel
 from .optim import sgd_update
+from .precision import AUTOCAST_DTYPES, autocast
+
+if TYPE_CHECKING:  # fastkd.books imports this module's term names
+    from .books import StepBooks
 
 
 @dataclass(frozen=True)
@@ -61,61 +66,87 @@ def _peak(logits: Tensor) -> Tensor:
     return logits.detach().abs().amax()  # NaN and inf survive amax
 
 
-def _update(loss: Tensor, optimizer, parallel: DataParallel) -> Tensor:
+def _update(loss: Tensor, terms: Tensor, optimizer, parallel: DataParallel, books: Optional["StepBooks"]) -> Tensor:
+    """Backward, gradient averaging and SGD; with `books` (the engine's), this step's lr is set first and the loss
+    and its terms are recorded after, all in the same graph."""
+    if books is not None:
+        books.before()
     loss.backward()
     parallel.average_gradients(optimizer)  # compiled data-parallel steps only: no DDP hooks in a graph
     sgd_update(optimizer)
+    if books is not None:
+        books.record(loss, terms)
     return loss.detach()
 
 
-def ce_step(model: nn.Module, optimizer, x: Tensor, y: Tensor,
-            parallel: DataParallel = SINGLE_PROCESS) -> tuple[Tensor, Tensor, Tensor]:
-    """A cross-entropy step (the teacher advancing, or the baseline student); also returns the logits."""
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
-    return _update(loss, optimizer, parallel), _terms(_peak(logits), loss), logits.detach()
+def ce_step(model: nn.Module, optimizer, x: Tensor, y: Tensor, parallel: DataParallel = SINGLE_PROCESS,
+            amp: Optional[torch.dtype] = None, books: Optional["StepBooks"] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A cross-entropy step (the teacher advancing, or the baseline student); also returns the logits.
+    Every step runs its forward under autocast to `amp` (None: float32) and its backward and update outside."""
+    with autocast(amp, x.device.type):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    terms = _terms(_peak(logits), loss)
+    return _update(loss, terms, optimizer, parallel, books), terms, logits.detach()
 
 
 def distill_step(student: nn.Module, optimizer, x: Tensor, y: Tensor, teacher_logits: Tensor,
-                 cfg: LossSettings, parallel: DataParallel = SINGLE_PROCESS) -> tuple[Tensor, Tensor]:
+                 cfg: LossSettings, parallel: DataParallel = SINGLE_PROCESS, amp: Optional[torch.dtype] = None,
+                 books: Optional["StepBooks"] = None) -> tuple[Tensor, Tensor]:
     """The student distilling from given teacher logits (online KD: those of the teacher's own step)."""
-    logits = student(x)
-    loss = soft_loss(logits, teacher_logits, y, cfg)
-    return _update(loss, optimizer, parallel), _terms(_peak(logits), _peak(teacher_logits), loss)
+    with autocast(amp, x.device.type):
+        logits = student(x)
+        loss = soft_loss(logits, teacher_logits.to(logits.dtype), y, cfg)
+    terms = _terms(_peak(logits), _peak(teacher_logits), loss)
+    return _update(loss, terms, optimizer, parallel, books), terms
 
 
 def replay_step(student: nn.Module, teacher: nn.Module, optimizer, x: Tensor, y: Tensor,
-                cfg: LossSettings, parallel: DataParallel = SINGLE_PROCESS) -> tuple[Tensor, Tensor]:
+                cfg: LossSettings, parallel: DataParallel = SINGLE_PROCESS, amp: Optional[torch.dtype] = None,
+                books: Optional["StepBooks"] = None) -> tuple[Tensor, Tensor]:
     """The student replaying a batch, distilling from the teacher as it is now (its mode is set by the caller)."""
-    with torch.no_grad():
+    with torch.no_grad(), autocast(amp, x.device.type):
         teacher_logits = teacher(x)
-    return distill_step(student, optimizer, x, y, teacher_logits, cfg, parallel)
+    return distill_step(student, optimizer, x, y, teacher_logits, cfg, parallel, amp, books)
 
 
-def advance_step(net: nn.Module, optimizer, x: Tensor, y: Tensor,
-                 parallel: DataParallel = SINGLE_PROCESS) -> tuple[Tensor, Tensor]:
+def advance_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, parallel: DataParallel = SINGLE_PROCESS,
+                 amp: Optional[torch.dtype] = None, books: Optional["StepBooks"] = None) -> tuple[Tensor, Tensor]:
     """The spaced-self advance: only the deepest head's cross-entropy trains."""
-    logits, _ = net(x)
-    loss = F.cross_entropy(logits[-1], y)
-    return _update(loss, optimizer, parallel), _terms(_peak(logits[-1]), loss)
+    with autocast(amp, x.device.type):
+        logits, _ = net(x)
+        loss = F.cross_entropy(logits[-1], y)
+    terms = _terms(_peak(logits[-1]), loss)
+    return _update(loss, terms, optimizer, parallel, books), terms
 
 
 def self_distill_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, cfg: LossSettings,
-                      parallel: DataParallel = SINGLE_PROCESS) -> tuple[Tensor, Tensor]:
+                      parallel: DataParallel = SINGLE_PROCESS, amp: Optional[torch.dtype] = None,
+                      books: Optional["StepBooks"] = None) -> tuple[Tensor, Tensor]:
     """CE(deepest) + Σ_shallow [α·kd(shallow, deepest detached) + (1−α)·CE] + β·Σ_shallow ‖adapter(f) − f_deep‖₂
     (the net's forward returns the shallow features already through their adapters)."""
-    logits, features = net(x)
-    deep_logits, deep_features = logits[-1].detach(), features[-1].detach()
-    ce = F.cross_entropy(logits[-1], y)
-    kd = sum(soft_loss(shallow, deep_logits, y, cfg) for shallow in logits[:-1])
-    feature = cfg.beta * sum((adapted - deep_features).norm(dim=1).mean() for adapted in features[:-1])
+    with autocast(amp, x.device.type):
+        logits, features = net(x)
+        deep_logits, deep_features = logits[-1].detach(), features[-1].detach()
+        ce = F.cross_entropy(logits[-1], y)
+        kd = sum(soft_loss(shallow, deep_logits.to(shallow.dtype), y, cfg) for shallow in logits[:-1])
+        # The feature distance in float32: a norm over thousands of bf16 products loses the small differences.
+        feature = cfg.beta * sum((adapted.float() - deep_features.float()).norm(dim=1).mean()
+                                 for adapted in features[:-1])
     terms = _terms(torch.stack([_peak(h) for h in logits]).amax(), ce, kd, feature)
-    return _update(ce + kd + feature, optimizer, parallel), terms
+    return _update(ce + kd + feature, terms, optimizer, parallel, books), terms
 
 
 UPDATES = {"ce": ce_step, "distill_live": distill_step, "distill": replay_step, "advance": advance_step,
            "self_distill": self_distill_step}
 SOFT_TARGET_KINDS = ("distill_live", "distill", "self_distill")  # the kinds that take the LossSettings
+
+
+def _own_code(fn):
+    """fn with a code object of its own. Dynamo keeps its compiled graphs on the code object, guarded on the
+    optimizer's identity: with one shared code object, every run in a process (a new optimizer) would count as a
+    recompile, and the ninth compiled run would fail on Dynamo's limit of 8. (The inductor cache still serves them.)"""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 class Updates:
@@ -127,26 +158,29 @@ class Updates:
     """
 
     def __init__(self, cfg: LossSettings, compile: bool, device: torch.device, cuda_graphs: Optional[bool] = None,
-                 parallel: DataParallel = SINGLE_PROCESS):
+                 parallel: DataParallel = SINGLE_PROCESS, precision: str = "fp32"):
         self.cfg, self.compile, self.parallel = cfg, compile, parallel
+        self.amp = AUTOCAST_DTYPES[precision]
         # CUDA graphs come with compiling on a CUDA device unless switched off (benchmarks compare both).
         self.cuda_graphs = compile and device.type == "cuda" and cuda_graphs is not False
         if compile:
             if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
                 raise ValueError(f"--compile needs torch >= 2.11 to trace loss.backward() into the step graph; "
                                  f"this is torch {torch.__version__}")
-            self.steps = {kind: torch.compile(fn, fullgraph=True, options={"triton.cudagraphs": self.cuda_graphs})
+            self.steps = {kind: torch.compile(_own_code(fn), fullgraph=True,
+                                              options={"triton.cudagraphs": self.cuda_graphs})
                           for kind, fn in UPDATES.items()}
         else:
             self.steps = dict(UPDATES)
 
-    def __call__(self, kind: str, *args):
+    def __call__(self, kind: str, *args, books: Optional["StepBooks"] = None):
+        """One step of `kind`; `books` (the engine's) sets its lr and records its loss inside the step."""
         if kind in SOFT_TARGET_KINDS:
             args = (*args, self.cfg)
         if not self.compile:
-            return self.steps[kind](*args, self.parallel)
+            return self.steps[kind](*args, self.parallel, self.amp, books)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         # Lets Dynamo trace loss.backward() into the step's graph instead of breaking it there; scoped to the call.
         with torch._dynamo.config.patch(trace_autograd_ops=True):
-            return self.steps[kind](*args, self.parallel)
+            return self.steps[kind](*args, self.parallel, self.amp, books)

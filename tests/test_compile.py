@@ -34,12 +34,12 @@ def test_each_step_kind_compiles_once_over_a_multi_epoch_run(tmp_path, method, m
     torch._dynamo.reset()
     real_call, calls = Updates.__call__, {}
 
-    def strict_call(self, kind, *args):
+    def strict_call(self, kind, *args, **kwargs):
         calls[kind] = calls.get(kind, 0) + 1
         if calls[kind] == 1:
-            return real_call(self, kind, *args)
+            return real_call(self, kind, *args, **kwargs)
         with torch.compiler.set_stance("fail_on_recompile"):
-            return real_call(self, kind, *args)
+            return real_call(self, kind, *args, **kwargs)
 
     monkeypatch.setattr(Updates, "__call__", strict_call)
     run(method, tmp_path / "compiled")

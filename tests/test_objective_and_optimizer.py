@@ -115,9 +115,9 @@ def _spaced_run(out_dir, **overrides) -> dict:
     replays, soft_calls = [], []
     real_run_step, real_soft_loss = engine.run_step, updates_module.soft_loss
 
-    def recording_run_step(step, role, roles, fns, batch, live_logits, cfg):
+    def recording_run_step(step, role, roles, fns, batch, *rest):
         if step.kind != "distill":
-            return real_run_step(step, role, roles, fns, batch, live_logits, cfg)
+            return real_run_step(step, role, roles, fns, batch, *rest)
         teacher = roles["teacher"].model
         norms = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         modes = []
@@ -127,13 +127,14 @@ def _spaced_run(out_dir, **overrides) -> dict:
         weights = {name: p.detach().clone() for name, p in teacher.named_parameters()}
         calls_before = len(soft_calls)
         try:
-            out = real_run_step(step, role, roles, fns, batch, live_logits, cfg)
+            out = real_run_step(step, role, roles, fns, batch, *rest)
         finally:
             hook.remove()
         replays.append(dict(batch=step.batch, before=before, after={n: b.clone() for n, b in teacher.named_buffers()},
                             weights_kept=all(torch.equal(p.detach(), weights[n])
                                              for n, p in teacher.named_parameters()),
-                            modes=modes, training_after=teacher.training, loss=out[0].clone(),
+                            modes=modes, training_after=teacher.training,
+                            loss=sum(call["loss"] for call in soft_calls[calls_before:]),  # a replay's whole loss
                             soft_calls=soft_calls[calls_before:]))
         return out
 
@@ -143,7 +144,9 @@ def _spaced_run(out_dir, **overrides) -> dict:
         # The gradient the step's backward sends into the student's logits: what the update actually follows.
         student_logits.register_hook(lambda grad: call.__setitem__("grad", grad.clone()))
         soft_calls.append(call)
-        return real_soft_loss(student_logits, teacher_logits, y, settings)
+        loss = real_soft_loss(student_logits, teacher_logits, y, settings)
+        call["loss"] = loss.detach().clone()
+        return loss
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "run_step", recording_run_step)

@@ -24,13 +24,13 @@ def peak_image_bytes(tmp_path, interval, monkeypatch):
     peak, last_role = 0, None
     real_run_step = engine.run_step
 
-    def measuring_run_step(step, role, roles, fns, batch, live_logits, cfg):
+    def measuring_run_step(step, role, roles, fns, batch, *rest):
         # A buffer would be fullest when the roles switch (just before a replay starts): measure there.
         nonlocal peak, last_role
         if step.role != last_role:
             peak = max(peak, live_image_bytes(tuple(batch.x.shape)))
         last_role = step.role
-        return real_run_step(step, role, roles, fns, batch, live_logits, cfg)
+        return real_run_step(step, role, roles, fns, batch, *rest)
 
     monkeypatch.setattr(engine, "run_step", measuring_run_step)
     gc.collect()

@@ -134,19 +134,18 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    from fastkd import engine
+    from fastkd.books import StepBooks
 
-    real_run_step = engine.run_step
+    real_record = StepBooks.record
     calls = []
 
-    def poisoned(step, *args):
-        loss, terms, logits = real_run_step(step, *args)
-        calls.append(step)
+    def poisoned(books, loss, terms):
+        calls.append(loss)
         if len(calls) == 12:  # as if the cross-entropy of this teacher step had overflowed
             loss, terms = loss * float("inf"), terms * torch.tensor([1.0, float("inf"), 1.0, 1.0])
-        return loss, terms, logits
+        return real_record(books, loss, terms)
 
-    monkeypatch.setattr(engine, "run_step", poisoned)
+    monkeypatch.setattr(StepBooks, "record", poisoned)
     out = tmp_path / "run"
     assert main(["--method", "spaced", *RUN, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -41,9 +41,9 @@ def test_replayed_batches_equal_teacher_batches_pixel_for_pixel(tmp_path, monkey
     seen = {}
     real_run_step = engine.run_step
 
-    def recording_run_step(step, role, roles, fns, batch, live_logits, cfg):
+    def recording_run_step(step, role, roles, fns, batch, *rest):
         seen.setdefault(step.batch, {})[step.role] = (batch.x.clone(), batch.y.clone())
-        return real_run_step(step, role, roles, fns, batch, live_logits, cfg)
+        return real_run_step(step, role, roles, fns, batch, *rest)
 
     monkeypatch.setattr(engine, "run_step", recording_run_step)
     run_cli(tmp_path, "--method", method, "--interval", "0.7")
@@ -139,6 +139,8 @@ BAD = [
     (["--batch-size", "5000"], "--batch-size"),
     (["--train-subset", "0"], "--train-subset"),
     (["--epochs", "0"], "--epochs"),
+    (["--precision", "fp8"], "--precision"),
+    (["--precision", "fp16"], "--precision"),
 ]
 
 

@@ -47,8 +47,9 @@ class Augmentation:
     offsets: Optional[Tensor]  # (2, B) row and column offsets into the padded image, in [0, 2·padding]; or None
     flips: Optional[Tensor]  # (B,) bool; or None
 
-    def apply(self, x: Tensor) -> Tensor:
-        """The augmented batch, on x's device; x is (B, C, H, W) with B the shard's batch."""
+    def apply(self, x: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+        """The augmented batch, on x's device; x is (B, C, H, W) with B the shard's batch. The crop's gather writes
+        channels-last order, so that memory format costs no copy here."""
         b, _, h, w = x.shape
         if self.offsets is not None:
             pad = self.padding
@@ -57,7 +58,8 @@ class Augmentation:
             rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
             cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
             batch = torch.arange(b, device=x.device)[:, None, None]
-            x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+            x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+            x = x.contiguous(memory_format=memory_format)
         if self.flips is not None:
             x = torch.where(self.flips.to(x.device)[:, None, None, None], x.flip(3), x)
         return x
@@ -79,6 +81,12 @@ class BatchIdentities:
     `train_subset` keeps a seeded subset of that many samples (the low-data regime). `shard_id` / `num_shards` give
     each rank its contiguous slice of every global batch (for data-parallel training).
     """
+
+    memory_format = torch.contiguous_format  # of the batches' x; fit sets torch.channels_last for --channels-last
+
+    def on_device(self, x: Tensor) -> Tensor:
+        """x on the training device in the run's memory format: one copy at most (none where it already is)."""
+        return x.to(self.device, non_blocking=True, memory_format=self.memory_format)
 
     def __init__(self, train_len: int, batch_size: int, seed: int, dataset_name: str,
                  train_subset: Optional[int] = None, shard_id: int = 0, num_shards: int = 1):
@@ -148,8 +156,9 @@ class TensorBatches(BatchIdentities):
     def batch(self, epoch: int, position: int) -> Batch:
         idx = self.indices(epoch, position)
         dev_idx = idx.to(self.device)
-        x = self.augmentation(self.info, epoch, position).apply(self._train_x.index_select(0, dev_idx))
-        return Batch(x, self._train_y.index_select(0, dev_idx), idx, epoch, position)
+        x = self.augmentation(self.info, epoch, position).apply(self._train_x.index_select(0, dev_idx),
+                                                                 self.memory_format)
+        return Batch(self.on_device(x), self._train_y.index_select(0, dev_idx), idx, epoch, position)
 
     def stream(self, identities: Iterable[tuple[int, int]]) -> Iterator[Batch]:
         """The batches of `identities`, in that order (the engine passes its whole plan)."""
@@ -158,7 +167,7 @@ class TensorBatches(BatchIdentities):
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Every test sample, in order; the last batch may be smaller."""
         for start in range(0, self.data.test_x.shape[0], batch_size):
-            yield (self.data.test_x[start:start + batch_size].to(self.device),
+            yield (self.on_device(self.data.test_x[start:start + batch_size]),
                    self.data.test_y[start:start + batch_size].to(self.device))
 
 

@@ -79,7 +79,7 @@ class FileBatches(BatchIdentities):
             self._test = (self.normalise(images), torch.from_numpy(self.files.test_labels).to(torch.int64))
         x, y = self._test
         for start in range(0, len(y), batch_size):
-            yield x[start:start + batch_size].to(self.device), y[start:start + batch_size].to(self.device)
+            yield self.on_device(x[start:start + batch_size]), y[start:start + batch_size].to(self.device)
 
 
 class _IdentityBatchesDataset(torch.utils.data.Dataset):
@@ -96,7 +96,7 @@ class _IdentityBatchesDataset(torch.utils.data.Dataset):
         src = self.source
         idx = src.indices(epoch, position)
         images = torch.stack([decode_image(src.files.train_paths[j], src.info.size) for j in idx.tolist()])
-        x = src.augmentation(src.info, epoch, position).apply(src.normalise(images))
+        x = src.augmentation(src.info, epoch, position).apply(src.normalise(images), src.memory_format)
         return x, idx, epoch, position
 
 
@@ -108,7 +108,7 @@ class TorchFileBatches(FileBatches):
     def stream(self, identities: Iterable[tuple[int, int]]) -> Iterator[Batch]:
         items = _IdentityBatchesDataset(self, list(identities))
         for x, idx, epoch, position in prefetch(items, self.num_workers, pin_memory=self.device.type == "cuda"):
-            yield Batch(x.to(self.device, non_blocking=True), self.labels[idx].to(self.device), idx, epoch, position)
+            yield Batch(self.on_device(x), self.labels[idx].to(self.device), idx, epoch, position)
 
 
 def dali_available() -> bool:
@@ -205,9 +205,10 @@ class DaliFileBatches(FileBatches):
             for i in self.indices(*identity).tolist():
                 decode_image(self.files.train_paths[i], self.info.size)  # raises, naming the file
             raise ValueError(f"DALI could not read batch {identity}: {str(e).strip().splitlines()[0]}") from None
-        x = self.augmentation(self.info, *identity).apply(_to_torch(images.as_tensor(), self.device))
+        augmentation = self.augmentation(self.info, *identity)
+        x = augmentation.apply(_to_torch(images.as_tensor(), self.device), self.memory_format)
         idx = torch.from_numpy(np.array(ids.as_tensor()).reshape(-1).astype(np.int64))
-        return Batch(x, self.labels[idx].to(self.device), idx, *identity)
+        return Batch(self.on_device(x), self.labels[idx].to(self.device), idx, *identity)
 
 
 def _to_torch(tensor, device: torch.device) -> Tensor:

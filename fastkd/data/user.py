@@ -115,14 +115,13 @@ class DatasetBatches(BatchIdentities):
     def stream(self, identities: Iterable[tuple[int, int]]) -> Iterator[Batch]:
         items = _IdentityBatches(self, list(identities))
         for x, y, idx, epoch, position in prefetch(items, self.num_workers, pin_memory=self.device.type == "cuda"):
-            yield Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx, epoch,
-                        position)
+            yield Batch(self.on_device(x), y.to(self.device, non_blocking=True), idx, epoch, position)
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Every test sample, in order, in batches fetched by the workers (unseeded: test data is not augmented)."""
         for x, y in prefetch(_TestBatches(self.test_data, batch_size), self.num_workers,
                              pin_memory=self.device.type == "cuda"):
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield self.on_device(x), y.to(self.device, non_blocking=True)
 
 
 class _TestBatches(torch.utils.data.Dataset):

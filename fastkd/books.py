@@ -1,0 +1,106 @@
+"""What the engine records at every step, held on the device and updated inside the step's own graph.
+
+A training step is then one graph (one CUDA-graph replay) and nothing else: the lr for the step is computed there
+from the role's step counter, and the loss total and the first non-finite step are updated there. No small launches
+around it, no host sync; the engine reads these tensors once per epoch record or checkpoint.
+"""
+import math
+
+import torch
+from torch import Tensor
+
+from .distributed import DataParallel
+from .schedule import Step
+from .updates import MAX_TERMS, TERM_NAMES
+
+
+def _static(t: Tensor) -> Tensor:
+    # Written in place by every step: CUDA graphs may then keep it at its address instead of copying it per replay.
+    torch._dynamo.mark_static_address(t, guard=False)
+    return t
+
+
+class RunningMean:
+    """A role's losses summed on the device (no host sync per step), read once per epoch record."""
+
+    def __init__(self, device):
+        self.total, self.count = _static(torch.zeros((), device=device)), 0
+
+    def rank_mean_total(self, parallel: DataParallel) -> float:
+        return float(parallel.all_sum(self.total.clone())) / parallel.size
+
+    def read_and_reset(self, parallel: DataParallel) -> float:
+        """The mean over this role's steps since the last read, and over the ranks."""
+        mean = self.rank_mean_total(parallel) / max(1, self.count)
+        self.total.zero_()
+        self.count = 0
+        return mean
+
+
+class NonFiniteGuard:
+    """Remembers on the device the first step (1-based, over the whole run) whose loss was not finite, and that
+    step's term values: no host sync per step."""
+
+    def __init__(self, device, steps_done: int = 0):
+        self.done = _static(torch.full((), steps_done, dtype=torch.int64, device=device))
+        self.first_bad = _static(torch.full((), -1, dtype=torch.int64, device=device))
+        self.terms = _static(torch.zeros(MAX_TERMS, device=device))
+
+    def watch(self, loss: Tensor, terms: Tensor) -> None:
+        self.done.add_(1)
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad.copy_(torch.where(bad, self.done, self.first_bad))
+        self.terms.copy_(torch.where(bad, terms, self.terms))
+
+    def check(self, plan: list[Step], parallel: DataParallel) -> None:
+        """Raise, on every rank, if any rank saw a non-finite loss: naming the step, the term and the rank."""
+        step = int(self.first_bad)  # one host read, at checkpoint time
+        problem = None
+        if step >= 0:
+            s = plan[step - 1]
+            finite = torch.isfinite(self.terms).tolist()
+            culprit = next((name for name, ok in zip(TERM_NAMES[s.kind], finite) if not ok), "the total")
+            problem = (f"non-finite training loss at step {step} ({s.role} {s.kind} step on batch {s.batch}): "
+                       f"{culprit} went non-finite")
+        problems = [(rank, p) for rank, p in enumerate(parallel.gather_objects(problem)) if p]
+        if problems:
+            rank, problem = problems[0]
+            where = f" (rank {rank})" if parallel.launched else ""
+            raise ValueError(f"{problem}{where}; stopped, the last good checkpoint is kept")
+
+
+class LrSchedule:
+    """A role's lr schedule on the device: its optimizer's lr tensors, set before each step from its step count."""
+
+    def __init__(self, optimizer: torch.optim.SGD, schedule: str, base_lr: float, total_steps: int, device):
+        self.lrs = [_static(group["lr"]) for group in optimizer.param_groups]
+        self.cosine = schedule == "cosine"
+        # float64, as the host formula (fastkd.optim.lr_at), so the lr tensor gets the same float32 value.
+        self.base_lr = torch.tensor(base_lr, dtype=torch.float64, device=device)
+        self.total_steps = torch.tensor(float(total_steps), dtype=torch.float64, device=device)
+        self.steps = _static(torch.zeros((), dtype=torch.int64, device=device))  # optimizer steps done
+
+    def set_lr(self) -> None:
+        """The lr before this step: per-step cosine decay to 0 over the role's steps, or constant."""
+        lr = self.base_lr
+        if self.cosine:
+            progress = torch.minimum(self.steps.double(), self.total_steps) / self.total_steps.clamp(min=1)
+            lr = 0.5 * self.base_lr * (1.0 + torch.cos(math.pi * progress))
+        for tensor in self.lrs:
+            tensor.copy_(lr)
+
+
+class StepBooks:
+    """What one kind of step records, passed into it: the lr schedule of the role that steps, the running loss of
+    its schedule role, and the run's guard. `before` runs ahead of the optimizer update, `record` after it."""
+
+    def __init__(self, schedule: LrSchedule, losses: RunningMean, guard: NonFiniteGuard):
+        self.schedule, self.losses, self.guard = schedule, losses, guard
+
+    def before(self) -> None:
+        self.schedule.set_lr()
+
+    def record(self, loss: Tensor, terms: Tensor) -> None:
+        self.schedule.steps.add_(1)
+        self.losses.total.add_(loss.detach())
+        self.guard.watch(loss.detach(), terms)

@@ -1,0 +1,49 @@
+"""The books a step keeps inside its graph (lr from the step count, loss total, non-finite guard), and compiled
+steps that survive many runs in one process."""
+import pytest
+import torch
+
+from fastkd.books import LrSchedule, NonFiniteGuard, RunningMean, StepBooks
+from fastkd.data.registry import load_synthetic
+from fastkd.models import build_model
+from fastkd.optim import init_momentum, lr_at, make_sgd
+from fastkd.updates import LossSettings, Updates
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_device_lr_is_the_host_formula_to_the_last_bit(schedule):
+    model = torch.nn.Linear(3, 2)
+    optimizer = make_sgd(model, 0.05, 0.9, 5e-4)
+    lrs = LrSchedule(optimizer, schedule, 0.05, 37, torch.device("cpu"))
+    for step in range(40):  # past the end too: the cosine stays at 0 there
+        lrs.set_lr()
+        expected = torch.tensor(lr_at(schedule, 0.05, step, 37), dtype=torch.float32)
+        assert torch.equal(optimizer.param_groups[0]["lr"], expected), step
+        lrs.steps.add_(1)
+
+
+def test_books_record_the_loss_and_the_first_non_finite_step():
+    model = torch.nn.Linear(3, 2)
+    losses, guard = RunningMean("cpu"), NonFiniteGuard("cpu", steps_done=5)
+    books = StepBooks(LrSchedule(make_sgd(model, 0.1, 0.9, 0.0), "constant", 0.1, 10, "cpu"), losses, guard)
+    for loss in (1.5, 2.0, float("nan"), float("inf")):
+        books.before()
+        books.record(torch.tensor(loss), torch.tensor([loss, 1.0, 2.0, 3.0]))
+    assert books.schedule.steps.item() == 4 and guard.done.item() == 9
+    assert guard.first_bad.item() == 8  # the run's 8th step: the first NaN, not the later inf
+    assert torch.isnan(guard.terms[0]) and torch.isnan(losses.total)
+
+
+@pytest.mark.slow
+def test_compiled_steps_survive_a_dozen_runs_in_one_process():
+    """Each run brings a new optimizer, which the step's guards see: the runs must not share one compile cache,
+    whose limit of 8 would end the ninth with a hard error under fullgraph."""
+    data = load_synthetic()
+    x, y = data.train_x[:32], data.train_y[:32]
+    for run in range(12):
+        model = build_model("tiny", data.info)
+        optimizer = make_sgd(model, 0.05, 0.9, 5e-4)
+        init_momentum(optimizer)
+        loss, _, _ = Updates(LossSettings(3.0, 0.3, 0.03), compile=True, device=torch.device("cpu"))(
+            "ce", model, optimizer, x, y)
+        assert torch.isfinite(loss), run
