@@ -4,8 +4,9 @@
 # GPU test tier (tests marked gpu: every streaming kernel config at vocabulary sizes, compiled CUDA-graphed steps
 # against eager, a 1-GPU torchrun against the plain run), then the kernel tests on the GPU (compiled Triton, not the
 # interpreter), benchmarks kd_loss at the small and the LLM-vocabulary shapes, benchmarks the spaced-KD training step
-# (eager, compiled, compiled + CUDA graphs) and the training loader, runs a compiled 1-GPU torchrun smoke (DDP over
-# NCCL, in-graph all-reduce), prints the tables, and last the steps that could not run, with why.
+# (fp32 → bf16 → channels-last → compiled → + CUDA graphs, with measured ÷ the epoch model's floor), the engine's
+# host overhead per step and the training loader, runs a compiled 1-GPU torchrun smoke (DDP over NCCL, in-graph
+# all-reduce), prints the tables, and last the steps that could not run, with why.
 # Results land in $OUT (the device tool's output folder) or /tmp/fastkd-gpu-check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,27 +39,32 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
 echo "== GPU test tier (pytest -m gpu)"
-timeout 200 python3 -m pytest -m gpu tests/ -rs -q 2>&1 | tee "$out/gpu_tests.log"
-check "GPU test tier" "${PIPESTATUS[0]}" 200
+timeout 160 python3 -m pytest -m gpu tests/ -rs -q 2>&1 | tee "$out/gpu_tests.log"
+check "GPU test tier" "${PIPESTATUS[0]}" 160
 
 echo "== kd_loss kernel tests on the GPU"
-timeout 70 python3 -m pytest tests/test_kd_loss.py -rs -q -x 2>&1 | tee "$out/kernel_tests.log"
-check "kd_loss kernel tests" "${PIPESTATUS[0]}" 70
+timeout 60 python3 -m pytest tests/test_kd_loss.py -rs -q -x 2>&1 | tee "$out/kernel_tests.log"
+check "kd_loss kernel tests" "${PIPESTATUS[0]}" 60
 
 echo "== kd_loss benchmarks"
-FASTKD_BENCH_LARGE=1 timeout 80 python3 -m pytest benchmarks/test_kd_loss_bench.py --benchmark-only -rs -q \
+FASTKD_BENCH_LARGE=1 timeout 70 python3 -m pytest benchmarks/test_kd_loss_bench.py --benchmark-only -rs -q \
     --benchmark-json="$out/kd_loss_bench.json" 2>&1 | tee "$out/kd_loss_bench.log" | tail -n 5
-check "kd_loss benchmarks" "${PIPESTATUS[0]}" 80
+check "kd_loss benchmarks" "${PIPESTATUS[0]}" 70
 
-echo "== training-step benchmark (eager, compiled, compiled + CUDA graphs)"
-timeout 60 python3 -m pytest benchmarks/test_step_bench.py --benchmark-only -rs -q \
+echo "== training-step benchmark (fp32, bf16, channels-last, compiled, compiled + CUDA graphs)"
+timeout 120 python3 -m pytest benchmarks/test_step_bench.py --benchmark-only -rs -q \
     --benchmark-json="$out/step_bench.json" 2>&1 | tee "$out/step_bench.log" | tail -n 5
-check "training-step benchmark" "${PIPESTATUS[0]}" 60
+check "training-step benchmark" "${PIPESTATUS[0]}" 120
+
+echo "== engine host overhead per step (engine.train vs a bare loop over the same compiled step)"
+timeout 25 python3 -m pytest benchmarks/test_engine_overhead_bench.py --benchmark-only -rs -q \
+    --benchmark-json="$out/overhead_bench.json" 2>&1 | tee "$out/overhead_bench.log" | tail -n 5
+check "engine overhead benchmark" "${PIPESTATUS[0]}" 25
 
 echo "== training-loader benchmark (torch DataLoader; DALI where installed)"
-timeout 30 python3 -m pytest benchmarks/test_loader_bench.py --benchmark-only -rs -q \
+timeout 20 python3 -m pytest benchmarks/test_loader_bench.py --benchmark-only -rs -q \
     --benchmark-json="$out/loader_bench.json" 2>&1 | tee "$out/loader_bench.log" | tail -n 5
-check "training-loader benchmark" "${PIPESTATUS[0]}" 30
+check "training-loader benchmark" "${PIPESTATUS[0]}" 20
 python3 -c "import nvidia.dali" 2>/dev/null \
     || could_not_run+=("DALI loader benchmark: DALI is not installed (nvidia.dali does not import); torch DataLoader only")
 if ! python3 -c "import liger_kernel" 2>/dev/null; then
@@ -67,13 +73,13 @@ fi
 
 # The eager 1-GPU torchrun run is in the GPU test tier (compared with the plain run); the compiled one runs here.
 echo "== 1-GPU torchrun smoke (DDP over NCCL: compiled steps with in-graph all-reduce)"
-timeout 40 python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m fastkd.train --method spaced --compile \
+timeout 25 python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m fastkd.train --method spaced --compile \
     --dataset synthetic --epochs 1 --batch-size 64 --quiet --out "$out/torchrun-smoke-compile" 2>&1 \
     | tee "$out/torchrun-smoke-compile.log" | tail -n 3
-check "1-GPU torchrun smoke (compiled)" "${PIPESTATUS[0]}" 40
+check "1-GPU torchrun smoke (compiled)" "${PIPESTATUS[0]}" 25
 
 echo "== tables"
-for f in "$out/kd_loss_bench.json" "$out/step_bench.json" "$out/loader_bench.json"; do
+for f in "$out/kd_loss_bench.json" "$out/step_bench.json" "$out/overhead_bench.json" "$out/loader_bench.json"; do
     [ -f "$f" ] && python3 benchmarks/report.py "$f" | tee -a "$out/tables.md"
 done
 

@@ -46,25 +46,43 @@ def kd_loss_table(runs: list) -> None:
                   f"| {peak_text} |")
 
 
+# The epoch-time model of BENCHMARKS.md: one image of a spaced-KD epoch of ResNet-18 at 64×64 costs the teacher's
+# training step, the replay's teacher forward and the student's training step, 31.1 GFLOP (counted with
+# torch.utils.flop_counter); an H100 does about 790 TFLOP/s in bf16. A round of the step benchmark is a batch of it.
+SPACED_FLOP_PER_IMAGE, H100_BF16_FLOPS = 31.1e9, 790e12
+
+
 def throughput_table(runs: list, title: str, key: str, baseline: str) -> None:
-    """Median time per round, images/s and the ratio to the `baseline` value of extra_info[key]."""
+    """Median time per round, images/s and the ratio to the `baseline` value of extra_info[key]; for ResNet-18 on a
+    GPU, also the measured time over the bf16 compute floor of the round."""
     if not runs:
         return
+    floor = runs[0]["extra_info"].get("model") == "resnet18" and "CPU" not in runs[0]["extra_info"]["device"]
     print(f"\n{title} on {runs[0]['extra_info']['device']}\n")
-    print(f"| {key} | median ms per round | images/s | vs {baseline} |")
-    print("|---|---|---|---|")
+    print(f"| {key} | median ms per round | images/s | vs {baseline} |" + (" ÷ H100 floor |" if floor else ""))
+    print("|---|---|---|---|" + ("---|" if floor else ""))
     medians = {r["extra_info"][key]: r["stats"]["median"] for r in runs}
     for run in runs:
         info, median = run["extra_info"], run["stats"]["median"]
         ratio = f"{medians[baseline] / median:.2f}×" if baseline in medians else "n/a"
-        print(f"| {info[key]} | {median * 1e3:.1f} | {info['images_per_round'] / median:.0f} | {ratio} |")
+        row = f"| {info[key]} | {median * 1e3:.1f} | {info['images_per_round'] / median:.0f} | {ratio} |"
+        if floor:  # a round is images_per_round / 2 images of the epoch model (each seen by both networks)
+            round_floor = info["images_per_round"] / 2 * SPACED_FLOP_PER_IMAGE / H100_BF16_FLOPS
+            row += f" {median / round_floor:.1f}× |"
+        print(row)
 
 
 def overhead_table(runs: list) -> None:
-    """The engine against a bare loop over the same compiled step: time per step and the engine's extra."""
-    medians = {r["extra_info"]["loop"]: r["stats"]["median"] / r["extra_info"]["steps"] for r in runs}
-    if set(medians) != {"bare", "engine"}:
+    """The engine against a bare loop over the same compiled step: time per steady-state step (the difference of
+    the 3-epoch and the 1-epoch runs, over their difference in steps) and the engine's extra."""
+    by = {(r["extra_info"]["loop"], r["extra_info"]["epochs"]): r for r in runs}
+    if set(by) != {(loop, e) for loop in ("bare", "engine") for e in (1, 3)}:
         return
+    medians = {}
+    for loop in ("bare", "engine"):
+        long, short = by[(loop, 3)], by[(loop, 1)]
+        steps = long["extra_info"]["steps"] - short["extra_info"]["steps"]
+        medians[loop] = (long["stats"]["median"] - short["stats"]["median"]) / steps
     print(f"\nhost overhead per step on {runs[0]['extra_info']['device']}\n")
     print("| loop | median ms per step | vs bare |")
     print("|---|---|---|")

@@ -191,7 +191,7 @@ def run_step(step: Step, role: Role, roles: dict, updates: Updates, batch, live_
     model, opt, x, y = role.stepper, role.optimizer, batch.x, batch.y
     if step.kind == "ce":
         _, _, logits = updates("ce", model, opt, x, y, books=books)
-        return logits.clone()
+        return logits.clone() if cfg.method == "online" else None  # only online KD's next step reads them
     if step.kind == "distill_live":  # online: the logits of the teacher's own forward on this batch
         updates("distill_live", model, opt, x, y, live_logits, books=books)
     elif step.kind == "distill":
