@@ -95,7 +95,7 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
         progress.close()
     wall = time.perf_counter() - start
     trace.close()
-    return _finish(cfg, roles, batches, run_dir, parallel, wall, images, len(plan))
+    return _finish(cfg, roles, batches, run_dir, parallel, wall, images, len(plan), test_forward)
 
 
 # ---- the networks that train ------------------------------------------------------------------------------------
@@ -330,13 +330,14 @@ def _restore(state: dict, roles: dict, losses: dict) -> tuple[int, int, dict]:
     return state["done"], state["images"], state["accuracy"]
 
 
-def _finish(cfg, roles, batches, run_dir, parallel: DataParallel, wall: float, images: int, steps: int) -> dict:
+def _finish(cfg, roles, batches, run_dir, parallel: DataParallel, wall: float, images: int, steps: int,
+            test_forward: TestForward) -> dict:
     """Final evaluation, saved weights and the summary (the last metrics.jsonl line)."""
     nets = ({"student": roles["self"].model} if cfg.method in SELF_METHODS
             else {name: role.model for name, role in _networks(roles).items()})
     summary = {"teacher_top1": None}
     for name, model in nets.items():
-        result = evaluate(model, batches, cfg.eval_batch_size, parallel)
+        result = evaluate(model, batches, cfg.eval_batch_size, parallel, test_forward)
         summary[f"{name}_top1"], summary[f"{name}_top5"] = round(result["top1"], 2), round(result["top5"], 2)
         if "heads_top1" in result:
             summary["heads_top1"] = result["heads_top1"]

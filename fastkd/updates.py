@@ -62,6 +62,10 @@ def _terms(*values: Tensor) -> Tensor:
     return torch.stack(values + [values[0].new_zeros(())] * (MAX_TERMS - len(values)))
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _peak(logits: Tensor) -> Tensor:
     return logits.detach().abs().amax()  # NaN and inf survive amax
 
@@ -130,8 +134,8 @@ def self_distill_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, cfg: Loss
         deep_logits, deep_features = logits[-1].detach(), features[-1].detach()
         ce = F.cross_entropy(logits[-1], y)
         kd = sum(soft_loss(shallow, deep_logits.to(shallow.dtype), y, cfg) for shallow in logits[:-1])
-        # The feature distance in float32: a norm over thousands of bf16 products loses the small differences.
-        feature = cfg.beta * sum((adapted.float() - deep_features.float()).norm(dim=1).mean()
+        # The feature distance in float32 at least: a norm over thousands of bf16 terms loses small differences.
+        feature = cfg.beta * sum((_at_least_float32(adapted) - _at_least_float32(deep_features)).norm(dim=1).mean()
                                  for adapted in features[:-1])
     terms = _terms(torch.stack([_peak(h) for h in logits]).amax(), ce, kd, feature)
     return _update(ce + kd + feature, terms, optimizer, parallel, books), terms
