@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .books import LrSchedule, NonFiniteGuard, RunningMean, StepBooks
 from .config import Config
 from .distributed import SINGLE_PROCESS, DataParallel, fingerprint
 from .optim import init_momentum, make_sgd
-from .books import LrSchedule, NonFiniteGuard, RunningMean, StepBooks
 from .outputs import Progress, RunDirectory, Trace, describe, epoch_record
 from .precision import AUTOCAST_DTYPES, autocast
 from .schedule import SELF_METHODS, Step, plan_steps
