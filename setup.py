@@ -15,7 +15,10 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
         "numpy>=1.24",
         "scikit-learn>=1.3",
+        "tqdm>=4.60",  # the training progress bar
+        "scipy>=1.10",  # t-quantiles of the study's confidence intervals (scikit-learn brings it too)
         "nvidia-dali-cuda130>=2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "pyyaml>=6", "matplotlib>=3.7"],
+                    "study": ["matplotlib>=3.7"], "yaml": ["pyyaml>=6"]},
 )

@@ -3,11 +3,11 @@ the epoch records and the progress bar. Rank 0 alone writes (`writer`)."""
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from .checkpoint import save_atomic
 from .schedule import Step
@@ -103,38 +103,22 @@ def describe(record: dict) -> str:
 
 
 class Progress:
-    """A small progress bar on stderr: redrawn in place on a terminal, one line per epoch record elsewhere."""
+    """tqdm's progress bar on stderr (steps, rate, time left), redrawn in place on a terminal; the epoch records are
+    lines that stay, and the only output where stderr is not a terminal."""
 
-    def __init__(self, total: int, stream=sys.stderr, min_interval: float = 0.25):
-        self.total, self.stream, self.min_interval = total, stream, min_interval
-        self.start = time.perf_counter()
-        self._last_draw = 0.0
-        self.tty = stream.isatty()
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.stream = total, stream
+        self.bar = tqdm(total=total, file=stream, unit="step", dynamic_ncols=True, mininterval=0.25,
+                        disable=not stream.isatty())
 
     def update(self, done: int, text: str = "") -> None:
-        now = time.perf_counter()
-        if not self.tty or (now - self._last_draw < self.min_interval and done < self.total):
-            return
-        self._last_draw = now
-        self.stream.write("\r" + self._line(done, text))
-        self.stream.flush()
+        self.bar.set_description_str(text, refresh=False)
+        self.bar.update(done - self.bar.n)
 
     def note(self, done: int, text: str) -> None:
         """A line that stays (an epoch record)."""
-        if self.tty:
-            self.stream.write("\r\033[K")
-        self.stream.write(self._line(done, text) + "\n")
-        self.stream.flush()
+        tqdm.write(f"step {done}/{self.total} {text}", file=self.stream)
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
 
-    def _line(self, done: int, text: str) -> str:
-        width = 30
-        filled = int(width * done / max(1, self.total))
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / done * (self.total - done) if done else 0.0
-        return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} steps "
-                f"{elapsed:5.0f}s eta {eta:4.0f}s {text}")

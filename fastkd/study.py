@@ -258,12 +258,16 @@ def write_plots(out: Path, results: list[dict], methods: list[str]) -> None:
             values.append(mean)
             errors.append(0.0 if math.isnan(std) else std)
     labels = [m for m in methods if any(r["method"] == m for r in results)]
-    save_figure(out / "curves.png", [LineChart("Student test top-1 (mean ± std over seeds)", "student epoch",
+    seeds = sorted({len([r for r in results if r["method"] == m]) for m in labels})
+    over = f"{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}"
+    save_figure(out / "curves.png", [LineChart(f"Student test top-1 (mean ± std over {over})", "student epoch",
                                                "top-1 (%)", curves)])
     save_figure(out / "flatness.png", [
-        BarChart("Hessian trace of the training loss", "tr(H)", labels, *bars["hessian_trace"]),
-        BarChart("Sharpness (loss increase)", "loss increase", labels, *bars["sharpness"]),
-        LineChart("Loss along a random direction (mean)", "t (relative step)", "training loss", profiles)])
+        BarChart(f"Hessian trace of the training loss (mean ± std, {over})", "tr(H) (loss units)", labels,
+                 *bars["hessian_trace"]),
+        BarChart(f"Sharpness (mean ± std, {over})", "loss increase (loss units)", labels, *bars["sharpness"]),
+        LineChart(f"Loss along a random direction (mean, {over})", "t (step along the direction, relative)",
+                  "training loss (cross-entropy)", profiles)])
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ A thin layer over `fastkd.fit`: the flags given are passed to it as settings. Ba
 naming the problem and exit code 2; nothing is written before the configuration has been checked.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
            "a CUDA GPU that has it, else fp32; fp16 is refused: it would need loss scaling)")
     a("--channels-last", action="store_true", default=None,
       help="models and batches in channels-last memory format (faster convolutions on tensor-core GPUs)")
+    a("--config", default=None, metavar="FILE",
+      help="a JSON (or, with PyYAML, YAML) file of settings, keyed as a run's config.json (which reproduces that "
+           "run); flags given on the command line override it")
     a("--preset", choices=tuple(PRESETS), default=None,
       help="official: the official code's settings and quirks (lr 0.01 constant, 80 epochs, all three quirks)")
     a("--out", default=None, help="run directory (default runs/<time>-<method>)")
@@ -84,10 +88,41 @@ def explicit_settings(argv) -> dict:
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k in SETTINGS}
 
 
-def resumed_settings(argv, saved: dict) -> dict:
-    """The saved configuration with the flags given on top; `fit(resume=True)` refuses any that differ from it,
-    except the few that may change on resume."""
-    return {**{k: saved[k] for k in SETTINGS if k in saved}, **explicit_settings(argv)}
+def resumed_settings(saved: dict, given: dict) -> dict:
+    """The saved configuration with the settings given (`given`: a --config file's, then the flags) on top;
+    `fit(resume=True)` refuses any that differ from it, except the few that may change on resume."""
+    return {**{k: saved[k] for k in SETTINGS if k in saved}, **given}
+
+
+NOT_SETTINGS = {"dataset_info"}  # what fastkd writes into config.json besides the settings
+
+
+def file_settings(path: str) -> dict:
+    """The settings of a --config file; ValueError naming the file for anything it cannot use."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    text = file.read_text()
+    if file.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"--config {path}: a YAML file needs PyYAML (pip install pyyaml); or give it as JSON")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: must hold a mapping of setting names to values")
+    unknown = sorted(set(data) - set(SETTINGS) - NOT_SETTINGS)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+    return {k: v for k, v in data.items() if k in SETTINGS}
 
 
 def main(argv=None) -> int:
@@ -95,11 +130,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     main_rank = rank_from_env() == 0
     try:
+        given = {**(file_settings(args.config) if args.config else {}), **explicit_settings(argv)}
         if args.resume:
-            settings = resumed_settings(argv, load_checkpoint(Path(args.resume))["config"])
+            settings = resumed_settings(load_checkpoint(Path(args.resume))["config"], given)
             out = args.resume
         else:
-            settings = explicit_settings(argv)
+            settings = given
             out = args.out or default_out(settings.get("method", DEFAULTS.method))
         summary = fit(**settings, out=out, trace=args.trace, quiet=args.quiet, resume=bool(args.resume),
                       save_every=args.save_every)

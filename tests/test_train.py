@@ -165,3 +165,36 @@ def test_unwritable_out_and_cli_errors_have_no_traceback(tmp_path):
     assert "--out" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert blocker.read_text() == "not a directory"
+
+
+def test_a_runs_config_json_as_config_reproduces_it(tmp_path):
+    first, first_trace = run_cli(tmp_path, "--method", "spaced", "--interval", "0.5", "--seed", "3", name="first")
+    # The file alone sets the run (QUICK's flags are the file's values too); flags given would override it.
+    again, again_trace = run_cli(tmp_path, "--config", str(first / "config.json"), name="again")
+    assert again_trace == first_trace
+    assert json.loads((again / "config.json").read_text()) == json.loads((first / "config.json").read_text())
+    for name in ("teacher", "student"):
+        a, b = torch.load(first / f"{name}.pt"), torch.load(again / f"{name}.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_yaml_config_sets_flags_and_a_flag_given_overrides_it(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: online\nepochs: 1\ntemperature: 2.0\nalpha: 0.5\n")
+    out, _ = run_cli(tmp_path, "--config", str(config), "--alpha", "0.7", name="yaml")
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["method"], saved["temperature"], saved["alpha"]) == ("online", 2.0, 0.7)
+
+
+@pytest.mark.parametrize("content,message", [("{\"epochs\": 2, \"lerning_rate\": 0.1}", "unknown setting lerning_rate"),
+                                             ("{\"epochs\": ", "not valid JSON"), ("[1, 2]", "mapping"),
+                                             ("{\"epochs\": \"two\"}", "epochs must be int")])
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, message):
+    config = tmp_path / "bad.json"
+    config.write_text(content)
+    assert main(["--config", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+    assert main(["--config", str(tmp_path / "missing.json"), "--quiet"]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -3,6 +3,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import scipy.stats
+
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (std is NaN for a single value)."""
@@ -12,27 +14,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def _t_cdf(x: float, df: int) -> float:
-    """P(T <= x) for x >= 0, by Simpson's rule on the density (smooth, so 2,000 panels give ~1e-10)."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    n = 2000
-    h = x / n
-    total = sum((1 if i in (0, n) else 4 if i % 2 else 2) * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2)
-                for i in range(n + 1))
-    return 0.5 + c * total * h / 3
-
-
 def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom, by bisection on its CDF."""
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom (scipy.stats)."""
     if not 0.5 < p < 1 or df < 1:
         raise ValueError(f"need 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
-    lo, hi = 0.0, 1.0
-    while _t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
+    return float(scipy.stats.t.ppf(p, df))
 
 
 @dataclass
