@@ -19,6 +19,7 @@ setup(
         "scipy>=1.10",  # t-quantiles of the study's confidence intervals (scikit-learn brings it too)
         "nvidia-dali-cuda130>=2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "pyyaml>=6", "matplotlib>=3.7"],
-                    "study": ["matplotlib>=3.7"], "yaml": ["pyyaml>=6"]},
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "pyyaml>=6", "matplotlib>=3.7",
+                             "tensorboard>=2.14"],
+                    "study": ["matplotlib>=3.7"], "yaml": ["pyyaml>=6"], "tensorboard": ["tensorboard>=2.14"]},
 )

@@ -17,6 +17,7 @@ from .data import make_batches
 from .data.user import DatasetBatches, describe_dataset
 from .distributed import DataParallel, join, leave
 from .models import build_model
+from .outputs import check_tensorboard
 from .schedule import SELF_METHODS
 
 DEFAULTS = Config()
@@ -29,7 +30,7 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
         student: Union[nn.Module, str, None] = None, train_data=None, test_data=None, *,
         out: Union[str, Path, None] = None, trace: Optional[str] = None, resume: bool = False,
         check_replay: bool = False, save_every: Optional[int] = None, quiet: bool = False, num_workers: int = 2,
-        **settings) -> dict:
+        tensorboard: Union[str, Path, bool, None] = None, **settings) -> dict:
     """Train `student` (and `teacher`) with `method`; returns the run's summary (the last line of metrics.jsonl).
 
     teacher, student: an nn.Module (trained in place) or a fastkd model name; None: the dataset's default model
@@ -39,6 +40,7 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
     (then test_data is None and `data_dir` / `loader` apply). settings: any `fastkd.config.Config` field (epochs,
     batch_size, interval, compile, device, seed, lr, temperature, alpha, beta, ...). resume=True continues the run
     in `out` exactly. check_replay=True re-fetches the first replayed batch and compares it with the teacher's.
+    tensorboard: a folder (or True: `out`/tensorboard) that receives every metrics.jsonl record as scalars.
     """
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
@@ -49,6 +51,8 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
     if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
         raise ValueError(f"--save-every must be >= 1, got {save_every}")
+    if tensorboard not in (None, False):
+        check_tensorboard()
     settings = {"method": method, **settings}
     settings.update(_names(teacher, student, train_data, test_data, settings))
     cfg = config_from_settings(settings)
@@ -61,6 +65,7 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
     validate(cfg, zoo_models=[role for role, m in (("teacher", teacher), ("student", student))
                               if not isinstance(m, nn.Module)])
     out = Path(out if out is not None else default_out(cfg.method))
+    board = None if tensorboard in (None, False) else out / "tensorboard" if tensorboard is True else Path(tensorboard)
 
     parallel, device = join(cfg.device)
     try:
@@ -72,7 +77,7 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
             num_classes = check_models(cfg.method, models, batches, device)
             batches.info = dataclasses.replace(batches.info, num_classes=num_classes)
         return engine.train(cfg, batches, models, out, device, parallel, trace_path=trace, quiet=quiet,
-                            resume=state, save_every=save_every, check_replay=check_replay)
+                            resume=state, save_every=save_every, check_replay=check_replay, tensorboard=board)
     finally:
         leave(parallel)
 

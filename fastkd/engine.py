@@ -29,14 +29,15 @@ from .updates import LossSettings, Updates
 
 def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, device: torch.device,
           parallel: DataParallel = SINGLE_PROCESS, trace_path: Optional[str] = None, quiet: bool = False,
-          resume: Optional[dict] = None, save_every: Optional[int] = None, check_replay: bool = False) -> dict:
+          resume: Optional[dict] = None, save_every: Optional[int] = None, check_replay: bool = False,
+          tensorboard: Optional[Path] = None) -> dict:
     """Train `models` ({"teacher", "student"}, or {"student"} for baseline and self methods) on `batches` as `cfg`
     says, into `out_dir`; returns the run's summary. `resume`: a checkpoint to continue from exactly."""
     per_epoch = batches.batches_per_epoch
     plan = list(plan_steps(cfg.method, cfg.epochs, per_epoch, cfg.resolved_interval(),
                            replay_leftover=not cfg.no_final_replay))
     run_dir = RunDirectory(out_dir, truncate_metrics_to=resume["metrics_bytes"] if resume else None,
-                           writer=parallel.is_main)
+                           writer=parallel.is_main, tensorboard=tensorboard)
     run_dir.write_config(cfg.to_dict(), batches.info)
     trace = Trace(trace_path if parallel.is_main else None, truncate_to=resume.get("trace_bytes") if resume else None)
     parallel = parallel.for_steps(cfg.compile)

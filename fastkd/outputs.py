@@ -16,8 +16,9 @@ from .schedule import Step
 class RunDirectory:
     """--out: config.json, metrics.jsonl and the final state dicts."""
 
-    def __init__(self, path: Path, truncate_metrics_to: Optional[int] = None, writer: bool = True):
-        self.path, self.writer, self.metrics = path, writer, None
+    def __init__(self, path: Path, truncate_metrics_to: Optional[int] = None, writer: bool = True,
+                 tensorboard: Optional[Path] = None):
+        self.path, self.writer, self.metrics, self.board = path, writer, None, None
         if not writer:
             return
         try:
@@ -31,6 +32,10 @@ class RunDirectory:
         if truncate_metrics_to is not None:  # resuming: drop records written after the checkpoint
             self.metrics.truncate(truncate_metrics_to)
             self.metrics.seek(0, os.SEEK_END)
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter  # checked importable by fit (check_tensorboard)
+
+            self.board = SummaryWriter(str(tensorboard))
 
     def write_config(self, config: dict, info) -> None:
         if self.writer:
@@ -41,6 +46,8 @@ class RunDirectory:
         if self.writer:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
+        if self.board is not None:
+            _board_scalars(self.board, record)
 
     def save_model(self, name: str, model: nn.Module) -> None:
         if self.writer:
@@ -53,6 +60,30 @@ class RunDirectory:
     def close(self) -> None:
         if self.writer:
             self.metrics.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def check_tensorboard() -> None:
+    """Raise ValueError naming --tensorboard where its package is missing."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (imports the tensorboard package)
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\"") from None
+
+
+def _board_scalars(board, record: dict) -> None:
+    """A metrics.jsonl record as TensorBoard scalars: `<role>/<key>` at the role's epoch; the summary's numbers as
+    `summary/<key>`."""
+    if "summary" in record:
+        scalars, step = {f"summary/{k}": v for k, v in record["summary"].items()}, 0
+    else:
+        scalars, step = {f"{record['role']}/{k}": v for k, v in record.items() if k not in ("role", "epoch")}, \
+            record["epoch"]
+    for tag, value in scalars.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            board.add_scalar(tag, value, step)
+    board.flush()
 
 
 class Trace:

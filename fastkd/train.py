@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="official: the official code's settings and quirks (lr 0.01 constant, 80 epochs, all three quirks)")
     a("--out", default=None, help="run directory (default runs/<time>-<method>)")
     a("--trace", default=None, help="write one JSON line per optimizer step to this file")
+    a("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
+      help="also write every epoch record as TensorBoard scalars, into DIR (default: OUT/tensorboard)")
     a("--train-subset", type=int, default=None, metavar="N", help="train on a seeded subset of N training samples")
     a("--kl-on-probabilities", action="store_true", default=None,
       help="official quirk: soft loss KLDivLoss(softmax(s/T), softmax(t/T)), no T²")
@@ -138,6 +140,7 @@ def main(argv=None) -> int:
             settings = given
             out = args.out or default_out(settings.get("method", DEFAULTS.method))
         summary = fit(**settings, out=out, trace=args.trace, quiet=args.quiet, resume=bool(args.resume),
+                      tensorboard=args.tensorboard,
                       save_every=args.save_every)
     except ValueError as e:
         if main_rank:  # under torchrun every rank meets the same error: rank 0 says it once

@@ -198,3 +198,30 @@ def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, mess
     assert not (tmp_path / "out").exists()
     assert main(["--config", str(tmp_path / "missing.json"), "--quiet"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_tensorboard_scalars_are_the_metrics_records(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = run_cli(tmp_path, "--method", "spaced", "--tensorboard", name="board")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    written = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    expected = {}
+    for r in records[:-1]:
+        for key, value in r.items():
+            if key not in ("role", "epoch") and isinstance(value, (int, float)):
+                expected.setdefault(f"{r['role']}/{key}", {})[r["epoch"]] = value
+    expected.update({f"summary/{k}": {0: v} for k, v in records[-1]["summary"].items() if isinstance(v, (int, float))})
+    assert written.keys() == expected.keys()
+    for tag, by_step in expected.items():  # stored as float32
+        assert written[tag] == pytest.approx(by_step, rel=1e-6), tag
+
+
+def test_tensorboard_without_its_package_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    assert main([*QUICK, "--tensorboard", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tensorboard" in err and "pip install" in err, err
+    assert not (tmp_path / "out").exists()
