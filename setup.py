@@ -21,5 +21,6 @@ setup(
     ],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "pyyaml>=6", "matplotlib>=3.7",
                              "tensorboard>=2.14"],
-                    "study": ["matplotlib>=3.7"], "yaml": ["pyyaml>=6"], "tensorboard": ["tensorboard>=2.14"]},
+                    "study": ["matplotlib>=3.7"], "yaml": ["pyyaml>=6"], "tensorboard": ["tensorboard>=2.14"],
+                    "timm": ["timm>=0.9"]},
 )

@@ -90,12 +90,15 @@ def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
     """Raise ValueError naming the flag for any setting that cannot run. `zoo_models`: the roles given by name
     (checked against fastkd's models); the others are the caller's own modules."""
     from .models import MODELS, MULTI_EXIT_MODELS
+    from .models.external import check_external, is_external
 
     if cfg.method not in METHODS:
         raise ValueError(f"--method {cfg.method!r} is unknown; choose from {', '.join(METHODS)}")
     models = MULTI_EXIT_MODELS if cfg.method in ("self", "spaced-self") else MODELS
     for flag, name in (("--teacher", cfg.teacher), ("--student", cfg.student)):
-        if flag[2:] in zoo_models and name not in models:
+        if flag[2:] in zoo_models and is_external(name) and models is MODELS:
+            check_external(flag, name)
+        elif flag[2:] in zoo_models and name not in models:
             raise ValueError(f"{flag} {name!r} is unknown for --method {cfg.method}; choose from {', '.join(models)}")
     if cfg.interval is not None and not (math.isfinite(cfg.interval) and cfg.interval > 0):
         raise ValueError(f"--interval must be a finite number > 0, got {cfg.interval}")

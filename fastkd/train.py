@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--interval", type=float, default=None,
       help="spacing s in epochs (the teacher runs s epochs ahead); default 1.5 for spaced, 4.0 for spaced-self")
     a("--teacher", default=None,
-      help=f"teacher model: {', '.join(MODELS)} (default: resnet20 on digits, tiny on synthetic, else resnet18)")
+      help=f"teacher model: {', '.join(MODELS)}, torchvision:<builder> or timm:<name> (default: resnet20 on digits, "
+           "tiny on synthetic, else resnet18)")
     a("--student", default=None,
       help="student model (the multi-exit network for self methods); same choices and defaults as --teacher")
     a("--dataset", default=DEFAULTS.dataset, help=f"dataset: {', '.join(DATASETS)}")

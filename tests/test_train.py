@@ -140,6 +140,9 @@ BAD = [
     (["--train-subset", "0"], "--train-subset"),
     (["--epochs", "0"], "--epochs"),
     (["--precision", "fp8"], "--precision"),
+    (["--teacher", "torchvision:fasterrcnn_resnet50_fpn"], "--teacher"),
+    (["--student", "timm:no-such-model"], "--student"),
+    (["--teacher", "torchvision:vit_b_16"], "torchvision:vit_b_16"),  # 16-px patches do not tile 8×8 images
     (["--precision", "fp16"], "--precision"),
 ]
 
@@ -225,3 +228,16 @@ def test_tensorboard_without_its_package_is_one_line(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--tensorboard" in err and "pip install" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "digits"])  # 3 and 1 input channels
+def test_torchvision_models_by_name_train_and_reload(tmp_path, dataset):
+    out, _ = run_cli(tmp_path, "--dataset", dataset, "--epochs", "1", "--teacher", "torchvision:resnet18",
+                     "--student", "torchvision:mobilenet_v3_small", name=dataset)
+    saved = json.loads((out / "config.json").read_text())
+    info = load_dataset(dataset).info
+    for role in ("teacher", "student"):
+        model = build_model(saved[role], info)
+        model.load_state_dict(torch.load(out / f"{role}.pt", weights_only=True))
+        x = torch.randn(2, info.channels, info.size, info.size)
+        assert model.eval()(x).shape == (2, info.num_classes)

@@ -125,6 +125,13 @@ MULTI_EXIT_MODELS = tuple(STAGE_BUILDERS)
 
 
 def build_model(name: str, info: DatasetInfo, multi_exit: bool = False) -> nn.Module:
+    """A zoo model by name, or `torchvision:<builder>` / `timm:<name>` (fastkd.models.external)."""
+    from .external import build_external, is_external
+
+    if is_external(name):
+        if multi_exit:
+            raise ValueError(f"model {name!r} has no multi-exit version; choose from {', '.join(MULTI_EXIT_MODELS)}")
+        return build_external(name, info)
     if multi_exit:
         if name not in STAGE_BUILDERS:
             raise ValueError(f"model {name!r} has no multi-exit version; choose from {', '.join(MULTI_EXIT_MODELS)}")
