@@ -17,6 +17,7 @@ from .data import make_batches
 from .data.user import DatasetBatches, describe_dataset
 from .distributed import DataParallel, join, leave
 from .models import build_model
+from .models.weights import load_teacher_weights
 from .outputs import check_tensorboard
 from .schedule import SELF_METHODS
 
@@ -132,7 +133,8 @@ def config_from_settings(settings: dict) -> Config:
 
 
 def _check_resumable(cfg: Config, saved: dict) -> None:
-    saved = {"precision": "fp32", "channels_last": False, **saved}  # what runs saved before these settings existed
+    # What runs saved before these settings existed.
+    saved = {"precision": "fp32", "channels_last": False, "teacher_weights": None, **saved}
     differing = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
     if differing:
         raise ValueError(f"--resume: these settings differ from the saved run: {', '.join(differing)} "
@@ -163,11 +165,13 @@ def _models(cfg: Config, teacher, student, info) -> dict[str, nn.Module]:
             continue
         if isinstance(given, nn.Module):
             models[role] = given
-            continue
-        if info.num_classes < 1:
+        elif info.num_classes < 1:
             raise ValueError(f"{role}={getattr(cfg, role)!r} needs the class count: give {info.name} a `classes` "
                              f"attribute (as torchvision datasets have), or pass your own nn.Module")
-        models[role] = build_model(getattr(cfg, role), info, multi_exit=multi_exit)
+        else:
+            models[role] = build_model(getattr(cfg, role), info, multi_exit=multi_exit)
+    if cfg.teacher_weights is not None:
+        load_teacher_weights(models["teacher"], cfg.teacher_weights, cfg.teacher)
     return models
 
 

@@ -20,6 +20,7 @@ class Config:
     interval: Optional[float] = None  # s, in epochs; None: the method's default (1.5 spaced, 4.0 spaced-self)
     teacher: Optional[str] = None  # None: the dataset's default model (DEFAULT_MODELS)
     student: Optional[str] = None
+    teacher_weights: Optional[str] = None  # the teacher's starting weights; offline KD then keeps it frozen
     dataset: str = "digits"
     data_dir: Optional[str] = None
     loader: str = "auto"  # image folders: "dali" (default where installed), "torch"; "auto" picks
@@ -58,6 +59,10 @@ class Config:
             return None
         return self.interval if self.interval is not None else DEFAULT_INTERVAL[self.method]
 
+    def teacher_frozen(self) -> bool:
+        """Offline KD from given teacher weights distils from that teacher without training it."""
+        return self.method == "offline" and self.teacher_weights is not None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -83,7 +88,7 @@ def check_types(settings: dict) -> None:
             raise ValueError(f"{key} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
 
 
-_OPTIONAL_TYPES = {"interval": (int, float), "train_subset": (int,), "precision": (str,)}
+_OPTIONAL_TYPES = {"interval": (int, float), "train_subset": (int,), "precision": (str,), "teacher_weights": (str,)}
 
 
 def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
@@ -100,6 +105,9 @@ def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
             check_external(flag, name)
         elif flag[2:] in zoo_models and name not in models:
             raise ValueError(f"{flag} {name!r} is unknown for --method {cfg.method}; choose from {', '.join(models)}")
+    if cfg.teacher_weights is not None and cfg.method in ("baseline", "self", "spaced-self"):
+        raise ValueError(f"--teacher-weights needs a method with a teacher (online, spaced, offline), "
+                         f"not --method {cfg.method}")
     if cfg.interval is not None and not (math.isfinite(cfg.interval) and cfg.interval > 0):
         raise ValueError(f"--interval must be a finite number > 0, got {cfg.interval}")
     if cfg.interval is not None and cfg.method not in DEFAULT_INTERVAL:

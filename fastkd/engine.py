@@ -35,7 +35,7 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
     says, into `out_dir`; returns the run's summary. `resume`: a checkpoint to continue from exactly."""
     per_epoch = batches.batches_per_epoch
     plan = list(plan_steps(cfg.method, cfg.epochs, per_epoch, cfg.resolved_interval(),
-                           replay_leftover=not cfg.no_final_replay))
+                           replay_leftover=not cfg.no_final_replay, train_teacher=not cfg.teacher_frozen()))
     run_dir = RunDirectory(out_dir, truncate_metrics_to=resume["metrics_bytes"] if resume else None,
                            writer=parallel.is_main, tensorboard=tensorboard)
     run_dir.write_config(cfg.to_dict(), batches.info)
@@ -53,6 +53,8 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
     accuracy, images, first = {}, 0, 0
     if resume:
         first, images, accuracy = _restore(resume, roles, losses)
+    elif cfg.teacher_frozen():  # evaluated once: it never changes
+        accuracy["teacher"] = evaluate(roles["teacher"].model, batches, cfg.eval_batch_size, parallel, test_forward)
     # The lr schedule, the loss totals and the non-finite guard advance inside each step's graph.
     guard = NonFiniteGuard(device, steps_done=first)
     books = {name: StepBooks(roles[name].schedule, losses[name], guard) for name in losses}
@@ -96,7 +98,7 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
         progress.close()
     wall = time.perf_counter() - start
     trace.close()
-    return _finish(cfg, roles, batches, run_dir, parallel, wall, images, len(plan), test_forward)
+    return _finish(cfg, roles, batches, run_dir, parallel, wall, images, len(plan), test_forward, accuracy)
 
 
 # ---- the networks that train ------------------------------------------------------------------------------------
@@ -332,13 +334,15 @@ def _restore(state: dict, roles: dict, losses: dict) -> tuple[int, int, dict]:
 
 
 def _finish(cfg, roles, batches, run_dir, parallel: DataParallel, wall: float, images: int, steps: int,
-            test_forward: TestForward) -> dict:
+            test_forward: TestForward, accuracy: dict) -> dict:
     """Final evaluation, saved weights and the summary (the last metrics.jsonl line)."""
     nets = ({"student": roles["self"].model} if cfg.method in SELF_METHODS
             else {name: role.model for name, role in _networks(roles).items()})
     summary = {"teacher_top1": None}
     for name, model in nets.items():
-        result = evaluate(model, batches, cfg.eval_batch_size, parallel, test_forward)
+        frozen = name == "teacher" and cfg.teacher_frozen()
+        result = accuracy["teacher"] if frozen else evaluate(model, batches, cfg.eval_batch_size, parallel,
+                                                              test_forward)
         summary[f"{name}_top1"], summary[f"{name}_top5"] = round(result["top1"], 2), round(result["top5"], 2)
         if "heads_top1" in result:
             summary["heads_top1"] = result["heads_top1"]

@@ -39,7 +39,8 @@ def interval_batches(interval: float, batches_per_epoch: int) -> int:
 
 
 def plan_steps(method: str, epochs: int, batches_per_epoch: int, interval: Optional[float] = None,
-          replay_leftover: bool = True) -> Iterator[Step]:
+               replay_leftover: bool = True, train_teacher: bool = True) -> Iterator[Step]:
+    """The steps of `method`; train_teacher=False (offline KD from given teacher weights): the student's alone."""
     total = epochs * batches_per_epoch
     if method == "baseline":
         yield from (Step("student", g, "ce", None) for g in range(total))
@@ -48,8 +49,9 @@ def plan_steps(method: str, epochs: int, batches_per_epoch: int, interval: Optio
             yield Step("teacher", g, "ce", None)
             yield Step("student", g, "distill_live", g)  # logits from the teacher's forward, before its update
     elif method == "offline":
-        yield from (Step("teacher", g, "ce", None) for g in range(total))
-        yield from (Step("student", g, "distill", total) for g in range(total))
+        teacher_steps = total if train_teacher else 0
+        yield from (Step("teacher", g, "ce", None) for g in range(teacher_steps))
+        yield from (Step("student", g, "distill", teacher_steps) for g in range(total))
     elif method == "self":
         yield from (Step("self", g, "self_distill", g) for g in range(total))
     elif method == "spaced":

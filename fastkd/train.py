@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--teacher", default=None,
       help=f"teacher model: {', '.join(MODELS)}, torchvision:<builder> or timm:<name> (default: resnet20 on digits, "
            "tiny on synthetic, else resnet18)")
+    a("--teacher-weights", default=None, metavar="PATH|NAME",
+      help="the teacher's starting weights: a state-dict file, or for a torchvision: teacher the name of its "
+           "pretrained weights in torch's local hub cache (never downloaded); with --method offline the teacher is "
+           "then not trained")
     a("--student", default=None,
       help="student model (the multi-exit network for self methods); same choices and defaults as --teacher")
     a("--dataset", default=DEFAULTS.dataset, help=f"dataset: {', '.join(DATASETS)}")

@@ -241,3 +241,54 @@ def test_torchvision_models_by_name_train_and_reload(tmp_path, dataset):
         model.load_state_dict(torch.load(out / f"{role}.pt", weights_only=True))
         x = torch.randn(2, info.channels, info.size, info.size)
         assert model.eval()(x).shape == (2, info.num_classes)
+
+
+def test_offline_from_teacher_weights_distils_without_training_the_teacher(tmp_path):
+    source, _ = run_cli(tmp_path, "--method", "offline", "--epochs", "1", name="source")
+    given = source / "teacher.pt"
+    out, trace = run_cli(tmp_path, "--method", "offline", "--teacher-weights", str(given), name="frozen")
+    assert trace and {step["role"] for step in trace} == {"student"}
+    assert {step["teacher_version"] for step in trace} == {0}
+    before, after = torch.load(given), torch.load(out / "teacher.pt")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    teacher_top1 = {r["teacher_top1"] for r in records[:-1]}
+    assert teacher_top1 == {records[-1]["summary"]["teacher_top1"]}  # evaluated once, reported throughout
+    # With spaced KD the same weights only initialise the teacher, which then trains.
+    out, trace = run_cli(tmp_path, "--method", "spaced", "--teacher-weights", str(given), name="init")
+    assert any(step["role"] == "teacher" for step in trace)
+    after = torch.load(out / "teacher.pt")
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_torchvision_weights_by_name_come_from_the_local_hub_cache_only(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    args = [*QUICK, "--method", "offline", "--teacher", "torchvision:resnet18", "--teacher-weights", "IMAGENET1K_V1"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not in the local cache" in err and str(tmp_path / "torch-home") in err, err
+    # Put a file of that name in the cache (weights for this dataset's 4 classes): it is what gets loaded.
+    weights = torchvision.models.get_model_weights("resnet18")["IMAGENET1K_V1"]
+    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(7)
+    state = torchvision.models.resnet18(num_classes=4).state_dict()
+    torch.save(state, cached)
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    kept = torch.load(tmp_path / "run" / "teacher.pt")
+    assert all(torch.equal(kept[k], state[k]) for k in state)
+
+
+def test_teacher_weights_that_do_not_fit_are_one_line_naming_the_key(tmp_path, capsys):
+    source, _ = run_cli(tmp_path, "--method", "offline", "--epochs", "1", name="source")
+    cases = [(["--teacher", "tiny-gn", "--teacher-weights", str(source / "teacher.pt")], "first mismatch at"),
+             (["--teacher-weights", str(tmp_path / "missing.pt")], "no such file"),
+             (["--teacher", "torchvision:resnet18", "--teacher-weights", "NO_SUCH_WEIGHTS"], "IMAGENET1K_V1"),
+             (["--method", "baseline", "--teacher-weights", str(source / "teacher.pt")], "--method baseline")]
+    for args, message in cases:
+        assert main([*QUICK, "--method", "offline", *args, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--teacher-weights" in err and message in err, err
+        assert not (tmp_path / "out").exists()
