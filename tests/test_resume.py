@@ -198,6 +198,12 @@ def test_bad_input_matrix_leaves_an_existing_run_untouched(tmp_path, capsys):
         ["--out", str(blocker / "run")],
         ["--resume", str(tmp_path / "empty")],
         ["--resume", str(run), "--temperature", "5"],
+        ["--resume", str(run), "--precision", "bf16"],
+        ["--precision", "fp16"],
+        ["--teacher", "torchvision:no_such_net"],
+        ["--method", "offline", "--teacher-weights", str(tmp_path / "missing.pt")],
+        ["--config", str(blocker)],  # not JSON
+        ["--config", str(tmp_path / "missing.json")],
     ]
     for args in cases:
         capsys.readouterr()

@@ -292,3 +292,26 @@ def test_teacher_weights_that_do_not_fit_are_one_line_naming_the_key(tmp_path, c
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--teacher-weights" in err and message in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_timm_weights_by_name_come_from_the_local_hugging_face_cache_only(tmp_path, capsys, monkeypatch):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    args = [*QUICK, "--method", "offline", "--teacher", "timm:resnet18", "--teacher-weights", "a1_in1k"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not in the local cache" in err and "timm/resnet18.a1_in1k" in err, err
+    # Hugging Face's cache layout: refs/main names the snapshot that holds the file.
+    repo = cache / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    torch.manual_seed(7)
+    state = timm.create_model("resnet18", num_classes=4).state_dict()
+    save_file(state, repo / "snapshots" / "0123abcd" / "model.safetensors")
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    kept = torch.load(tmp_path / "run" / "teacher.pt")
+    assert all(torch.equal(kept[k], state[k]) for k in state)
