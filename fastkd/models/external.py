@@ -56,9 +56,10 @@ def _first_conv_takes(model: nn.Module, channels: int) -> None:
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
+                # groups=1: a depthwise stem's grouping cannot carry over to another input channel count.
                 setattr(parent, child_name, nn.Conv2d(
                     channels, child.out_channels, child.kernel_size, child.stride, child.padding, child.dilation,
-                    child.groups if child.groups == 1 else channels, child.bias is not None, child.padding_mode))
+                    1, child.bias is not None, child.padding_mode))
                 return
     raise ValueError("it has no convolution to take a channel count other than 3")
 
