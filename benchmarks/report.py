@@ -1,4 +1,4 @@
-"""Print the benchmark tables (markdown) from a pytest-benchmark JSON file: kd_loss, then the training step.
+"""Print the benchmark tables (markdown) from a pytest-benchmark JSON file: kd_loss, kd_loss_linear, the training step.
 
     python benchmarks/report.py results.json
 """
@@ -11,6 +11,7 @@ def main(path: str) -> None:
     with open(path) as f:
         runs = json.load(f)["benchmarks"]
     kd_loss_table([r for r in runs if "provider" in r["extra_info"]])
+    linear_table([r for r in runs if "linear_provider" in r["extra_info"]])
     steps = [r for r in runs if "variant" in r["extra_info"]]
     if steps:
         info = steps[0]["extra_info"]
@@ -44,6 +45,24 @@ def kd_loss_table(runs: list) -> None:
             peak_text = f"{peak / 2**20:.0f}" if peak is not None else "n/a"
             print(f"| {shape} | {dtype} | {provider} | {median * 1e3:.3f} | {gbs:.1f} | {vs_eager} | {vs_compile} "
                   f"| {peak_text} |")
+
+
+def linear_table(runs: list) -> None:
+    """kd_loss_linear against the materialised paths: time and peak extra memory, each as a ratio to fastkd's
+    materialised path."""
+    if not runs:
+        return
+    info = runs[0]["extra_info"]
+    by = {r["extra_info"]["linear_provider"]: r for r in runs}
+    base = by.get("fastkd_materialised")
+    print(f"\nvocabulary-scale KD forward+backward, N×H×V = {info['shape']} {info['dtype']}, on {info['device']}\n")
+    print("| provider | median s | time vs materialised | peak extra MiB | memory vs materialised |")
+    print("|---|---|---|---|---|")
+    for provider, run in by.items():
+        median, peak = run["stats"]["median"], run["extra_info"]["peak_extra_bytes"]
+        time_ratio = f"{median / base['stats']['median']:.2f}×" if base else "n/a"
+        memory_ratio = f"{base['extra_info']['peak_extra_bytes'] / max(peak, 1):.1f}× less" if base else "n/a"
+        print(f"| {provider} | {median:.3f} | {time_ratio} | {peak / 2**20:.0f} | {memory_ratio} |")
 
 
 # The epoch-time model of BENCHMARKS.md: one image of a spaced-KD epoch of ResNet-18 at 64×64 costs the teacher's

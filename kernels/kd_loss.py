@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import _kd_loss_triton as _tk
 
-__all__ = ["kd_loss", "KDLoss", "kd_loss_reference"]
+__all__ = ["kd_loss", "KDLoss", "kd_loss_reference", "kd_loss_linear", "kd_loss_sparse", "KDLinearLoss"]  # noqa: F822
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -380,6 +380,11 @@ def _validate(s, t, target, temperature, alpha, ignore_index, reduction, backend
         raise ValueError(f"teacher_logits dtype {t.dtype} does not match student_logits dtype {s.dtype}")
     if t.device != s.device:
         raise ValueError(f"teacher_logits is on {t.device} but student_logits is on {s.device}")
+    validate_hyperparameters(temperature, alpha, reduction, backend)
+    validate_target(target, s.shape[0], s.shape[1], s.device, "student_logits", check_target, ignore_index)
+
+
+def validate_hyperparameters(temperature, alpha, reduction, backend) -> None:
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
@@ -388,16 +393,23 @@ def _validate(s, t, target, temperature, alpha, ignore_index, reduction, backend
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if target is not None:
-        if not isinstance(target, Tensor) or target.shape != (s.shape[0],):
-            raise ValueError(f"target must be an (N,) = ({s.shape[0]},) integer tensor, "
-                             f"got shape {tuple(getattr(target, 'shape', ()))}")
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise ValueError(f"target must be an integer tensor, got {target.dtype}")
-        if target.device != s.device:
-            raise ValueError(f"target is on {target.device} but student_logits is on {s.device}")
-        if check_target:
-            _check_target_values(target, s.shape[1], ignore_index)
+
+
+def validate_target(target, n: int, num_classes: int, device, rows_name: str, check_values: bool,
+                    ignore_index: int) -> None:
+    """target: None or an (n,) integer tensor on `device` (that of `rows_name`), whose values (if check_values) are
+    in [0, num_classes) or ignore_index."""
+    if target is None:
+        return
+    if not isinstance(target, Tensor) or target.shape != (n,):
+        raise ValueError(f"target must be an (N,) = ({n},) integer tensor, "
+                         f"got shape {tuple(getattr(target, 'shape', ()))}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"target must be an integer tensor, got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but {rows_name} is on {device}")
+    if check_values:
+        _check_target_values(target, num_classes, ignore_index)
 
 
 def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -489,3 +501,16 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
+
+
+_CHUNKED = ("kd_loss_linear", "kd_loss_sparse", "KDLinearLoss")
+
+
+def __getattr__(name):
+    # The vocabulary-scale forms (fused linear + KD, top-k teachers) live in _kd_chunked, which builds on this
+    # module; they are imported from it on first use, so that neither module's import needs the other finished.
+    if name in _CHUNKED:
+        from . import _kd_chunked
+
+        return getattr(_kd_chunked, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

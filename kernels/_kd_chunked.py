@@ -1,0 +1,476 @@
+"""Distillation at language-model vocabulary scale, row chunk by row chunk: `kd_loss_linear` (the student's logits
+made from its hidden states and output weight, never all at once) and `kd_loss_sparse` (a teacher given as its top-k
+logits). Both are the objective of `kd_loss`, α·T²·KL + (1−α)·CE per row, through the same fused kernels.
+
+Per chunk of rows: the student's logits (one matmul), the teacher's (given, one matmul, or scattered from its
+top-k), then the fused kernel writes the chunk's loss rows and ∂ℓ/∂logits in one pass, and that gradient is
+contracted at once into ∂hidden (a matmul) and ∂weight, ∂bias (accumulated), then dropped. So the extra memory is a
+few (chunk, V) buffers whatever N is, and nothing in any path reads a tensor's values on the host.
+
+The gradients are made in the forward (the backward only scales them by the incoming gradient), except for
+reduction "none": its per-row incoming gradients are known only in the backward, which then runs the chunks again
+with them as row weights (the matmuls twice, as activation checkpointing would).
+
+A top-k teacher is a dense chunk with -inf outside its k classes: the kernel's masked-class handling makes that
+exactly softmax(values / T) on the k classes and 0 elsewhere, at the price of writing and reading one (chunk, V)
+buffer; the teacher side held between calls is O(N·k).
+"""
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import kd_loss as _kd
+
+__all__ = ["kd_loss_linear", "kd_loss_sparse", "KDLinearLoss", "auto_chunk_size"]
+
+# Chunk rows: enough for the matmuls to run at full speed, few enough that one (rows, V) buffer stays near this many
+# bytes. A batch that fits in one chunk is the materialised computation, no slower than it.
+_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
+_MIN_CHUNK_ROWS = {"cuda": 1024, "cpu": 128}
+
+
+def auto_chunk_size(n: int, vocabulary: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The rows per chunk `chunk_size=None` picks for N rows over a V-class vocabulary."""
+    kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    per_row = vocabulary * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(n, max(_MIN_CHUNK_ROWS[kind], _CHUNK_BYTES[kind] // per_row)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The chunk loop, shared by both functions.
+# --------------------------------------------------------------------------------------------------------------------
+
+def _rows_and_grad(s, t, y, hyper, write_grad: bool, use_triton: bool, grad_out: Optional[Tensor]):
+    """One chunk through the fused kernel: its loss rows and, if asked, ∂(Σ rows)/∂s (into grad_out on Triton)."""
+    temperature, alpha, ignore_index = hyper
+    if use_triton:
+        rows = torch.empty(s.shape[0], dtype=_kd._result_dtype(s), device=s.device)
+        _kd.launch_kd_kernel(s, t, y, temperature, alpha, ignore_index, rows, grad_out if write_grad else None)
+        return rows, grad_out
+    rows, _, grad = _kd._cpu_forward(s, t, y, temperature, alpha, ignore_index,
+                                     _kd.GRAD if write_grad else _kd.LOSS_ONLY, _kd.NONE)
+    return rows, grad
+
+
+def _in_chunks(n: int, chunk: int, student: Callable, teacher: Callable, target: Optional[Tensor], hyper,
+               write_grad: bool, use_triton: bool, grad_buffer: Callable, consume: Callable) -> Tensor:
+    """The (N,) loss rows. For each chunk [r0, r1): student(r0, r1) and teacher(r0, r1) give its logits,
+    grad_buffer(r0, r1) a contiguous (rows, V) tensor for the Triton kernel's gradient, and consume(r0, r1, grad)
+    takes the gradient of the chunk's rows before the next chunk reuses the buffers."""
+    rows = None
+    for r0 in range(0, n, chunk):
+        r1 = min(r0 + chunk, n)
+        s, t = student(r0, r1), teacher(r0, r1)
+        y = target[r0:r1] if target is not None else None
+        chunk_rows, grad = _rows_and_grad(s, t, y, hyper, write_grad, use_triton,
+                                          grad_buffer(r0, r1) if write_grad and use_triton else None)
+        if rows is None:
+            rows = chunk_rows.new_empty(n)
+        rows[r0:r1] = chunk_rows
+        if write_grad:
+            consume(r0, r1, grad)
+    return rows
+
+
+def _topk_teacher(values: Tensor, indices: Tensor, vocabulary: int, dtype: torch.dtype, buffer: Tensor,
+                  bad_rows: Tensor) -> Callable:
+    """teacher(r0, r1) for a top-k teacher: -inf everywhere but its k classes; a row with bad indices is NaN."""
+    safe = indices.clamp(0, vocabulary - 1)
+    values = torch.where(bad_rows[:, None], math.nan, values.to(dtype))
+
+    def teacher(r0, r1):
+        t = buffer[: r1 - r0]
+        t.fill_(-math.inf)
+        return t.scatter_(1, safe[r0:r1], values[r0:r1])
+
+    return teacher
+
+
+def _bad_topk_rows(indices: Tensor, vocabulary: int) -> Tensor:
+    """(N,) bool: the row's indices repeat a class or leave [0, V). On the device, no host read."""
+    out_of_range = ((indices < 0) | (indices >= vocabulary)).any(1)
+    ordered = indices.sort(1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+    return out_of_range | repeated
+
+
+def _check_topk_values(bad_rows: Tensor, indices: Tensor, target: Optional[Tensor], ignore_index: int,
+                       vocabulary: int) -> None:
+    """Eager calls: a ValueError for the first counted row with bad indices. Like the target check, a host read,
+    skipped while compiling or capturing a CUDA graph, where such a row makes the loss NaN instead."""
+    if torch.compiler.is_compiling() or (indices.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if target is not None:
+        bad_rows = bad_rows & (target != ignore_index)
+    if not bool(bad_rows.any()):
+        return
+    row = int(bad_rows.nonzero()[0, 0])
+    classes = indices[row].tolist()
+    outside = [c for c in classes if not 0 <= c < vocabulary]
+    what = f"class {outside[0]} outside [0, {vocabulary})" if outside else \
+        f"class {next(c for c in classes if classes.count(c) > 1)} twice"
+    raise ValueError(f"teacher_topk indices of row {row} hold {what}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# kd_loss_linear: a torch.library op (opaque to Dynamo) whose forward returns the loss and the parameters' gradients.
+# --------------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastkd::kd_loss_linear_forward", mutates_args=())
+def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Optional[Tensor],
+                    teacher_logits: Optional[Tensor], teacher_hidden: Optional[Tensor],
+                    teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
+                    topk_values: Optional[Tensor], topk_indices: Optional[Tensor], row_weights: Optional[Tensor],
+                    temperature: float, alpha: float, ignore_index: int, reduction: int, chunk: int,
+                    grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+                    use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(the reduced loss, or the rows for NONE; ∂/∂hidden, ∂/∂weight, ∂/∂bias, each empty unless asked). The
+    gradients are those of the reduced loss; for NONE, only when row_weights are given (the backward's incoming
+    per-row gradients), of Σᵢ wᵢ·ℓᵢ."""
+    grad_hidden, grad_weight, grad_bias = _made_here(reduction, row_weights, grad_hidden, grad_weight, grad_bias)
+    n, vocabulary = hidden.shape[0], weight.shape[0]
+    dtype, device = hidden.dtype, hidden.device
+    rows_per_chunk = min(chunk, n)
+    logits = torch.empty((rows_per_chunk, vocabulary), dtype=dtype, device=device)
+    teacher_buffer = None if teacher_logits is not None else torch.empty_like(logits)
+
+    def student(r0, r1):
+        out = logits[: r1 - r0]
+        if bias is None:
+            return torch.mm(hidden[r0:r1], weight.T, out=out)
+        return torch.addmm(bias, hidden[r0:r1], weight.T, out=out)
+
+    if teacher_logits is not None:
+        def teacher(r0, r1):
+            return teacher_logits[r0:r1]
+    elif teacher_hidden is not None:
+        def teacher(r0, r1):
+            out = teacher_buffer[: r1 - r0]
+            if teacher_bias is None:
+                return torch.mm(teacher_hidden[r0:r1], teacher_weight.T, out=out)
+            return torch.addmm(teacher_bias, teacher_hidden[r0:r1], teacher_weight.T, out=out)
+    else:
+        teacher = _topk_teacher(topk_values, topk_indices, vocabulary, dtype, teacher_buffer,
+                                _bad_topk_rows(topk_indices, vocabulary))
+
+    d_hidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)  # (outputs must not alias)
+    d_weight = torch.zeros_like(weight) if grad_weight else hidden.new_empty(0)
+    d_bias = torch.zeros_like(bias) if grad_bias else hidden.new_empty(0)
+    grad_buffer = torch.empty_like(logits) if (grad_hidden or grad_weight or grad_bias) and use_triton else None
+
+    def consume(r0, r1, grad):
+        w = None if row_weights is None else row_weights[r0:r1, None]
+        if grad_hidden:
+            out = d_hidden[r0:r1]
+            torch.mm(grad, weight, out=out)
+            if w is not None:
+                out.mul_(w)
+        if grad_weight:  # accumulated in the weight's dtype, one rounding per chunk (as a beta=1 GEMM does)
+            h = hidden[r0:r1] if w is None else hidden[r0:r1] * w.to(dtype)
+            d_weight.addmm_(grad.T, h)
+        if grad_bias:
+            d_bias.add_(grad.sum(0) if w is None else (grad * w.to(dtype)).sum(0))
+
+    rows = _in_chunks(n, rows_per_chunk, student, teacher, target, (temperature, alpha, ignore_index),
+                      grad_hidden or grad_weight or grad_bias, use_triton,
+                      lambda r0, r1: grad_buffer[: r1 - r0], consume)
+    if reduction != _kd.NONE:  # the reduction's weight, on these tensors of our own
+        scale = _reduction_scale(n, target, ignore_index, reduction, rows)
+        for grad in (d_hidden, d_weight, d_bias):
+            grad.mul_(scale)
+    loss = rows if reduction == _kd.NONE else _kd._reduce(rows, target, ignore_index, _kd._REDUCTIONS[reduction])
+    return loss, d_hidden, d_weight, d_bias
+
+
+def _made_here(reduction, row_weights, *wanted: bool) -> tuple[bool, ...]:
+    """Which gradients a call of the op makes: those wanted, except in a forward for reduction NONE (no row
+    weights yet), whose backward makes them."""
+    return tuple(want and (reduction != _kd.NONE or row_weights is not None) for want in wanted)
+
+
+@_linear_forward.register_fake
+def _(hidden, weight, bias, target, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_values,
+      topk_indices, row_weights, temperature, alpha, ignore_index, reduction, chunk, grad_hidden, grad_weight,
+      grad_bias, use_triton):
+    grad_hidden, grad_weight, grad_bias = _made_here(reduction, row_weights, grad_hidden, grad_weight, grad_bias)
+    result = _kd._result_dtype(hidden)
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == _kd.NONE else (), dtype=result)
+    return (loss, torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if grad_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if grad_bias else hidden.new_empty(0))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    tensors, ctx.settings = inputs[:10], inputs[11:]
+    ctx.present = [x is not None for x in tensors]  # which optional inputs were given
+    if ctx.settings[3] == _kd.NONE:  # everything, to run the chunks again with the row weights
+        ctx.save_for_backward(*(x for x in tensors if x is not None))
+    else:  # the gradients the forward made
+        ctx.save_for_backward(*output[1:])
+
+
+def _linear_backward(ctx, grad_loss, _d_hidden, _d_weight, _d_bias):
+    reduction, grad_hidden, grad_weight, grad_bias = ctx.settings[3], *ctx.settings[5:8]
+    if reduction == _kd.NONE:
+        saved = iter(ctx.saved_tensors)
+        tensors = [next(saved) if given else None for given in ctx.present]
+        row_weights = grad_loss.to(_kd._result_dtype(tensors[0]))
+        _, d_hidden, d_weight, d_bias = _linear_forward(*tensors, row_weights, *ctx.settings)
+    else:
+        # A new tensor, not the saved one scaled in place, so that a second backward through the same call
+        # (retain_graph=True) stays exact; the saved one is freed right after this backward.
+        d_hidden, d_weight, d_bias = (g * grad_loss for g in ctx.saved_tensors)
+    return (d_hidden if grad_hidden else None, d_weight if grad_weight else None, d_bias if grad_bias else None,
+            *(None,) * 17)
+
+
+def _reduction_scale(n, target, ignore_index, reduction, like: Tensor) -> Tensor:
+    one = torch.ones((), dtype=_kd._result_dtype(like), device=like.device)
+    if reduction == _kd.SUM:
+        return one
+    return one / (n if target is None else (target != ignore_index).sum().clamp(min=1))
+
+
+_linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# kd_loss_sparse: the student's logits given, the teacher as top-k.
+# --------------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastkd::kd_loss_sparse_forward", mutates_args=())
+def _sparse_forward(s: Tensor, topk_values: Tensor, topk_indices: Tensor, target: Optional[Tensor],
+                    temperature: float, alpha: float, ignore_index: int, reduction: int, chunk: int,
+                    write_grad: bool, use_triton: bool) -> tuple[Tensor, Tensor]:
+    """(the reduced loss, or the rows for NONE; ∂(Σ rows)/∂s, empty unless write_grad)."""
+    n, vocabulary = s.shape
+    rows_per_chunk = min(chunk, n)
+    teacher_buffer = torch.empty((rows_per_chunk, vocabulary), dtype=s.dtype, device=s.device)
+    teacher = _topk_teacher(topk_values, topk_indices, vocabulary, s.dtype, teacher_buffer,
+                            _bad_topk_rows(topk_indices, vocabulary))
+    grad = torch.empty((n, vocabulary) if write_grad else (0,), dtype=s.dtype, device=s.device)
+
+    def consume(r0, r1, chunk_grad):
+        if chunk_grad.data_ptr() != grad[r0:r1].data_ptr():  # the CPU kernel returns its own tensor
+            grad[r0:r1] = chunk_grad
+
+    rows = _in_chunks(n, rows_per_chunk, lambda r0, r1: s[r0:r1], teacher, target,
+                      (temperature, alpha, ignore_index), write_grad, use_triton, lambda r0, r1: grad[r0:r1], consume)
+    loss = rows if reduction == _kd.NONE else _kd._reduce(rows, target, ignore_index, _kd._REDUCTIONS[reduction])
+    return loss, grad
+
+
+@_sparse_forward.register_fake
+def _(s, topk_values, topk_indices, target, temperature, alpha, ignore_index, reduction, chunk, write_grad,
+      use_triton):
+    loss = s.new_empty((s.shape[0],) if reduction == _kd.NONE else (), dtype=_kd._result_dtype(s))
+    return loss, s.new_empty(s.shape if write_grad else (0,))
+
+
+def _sparse_setup_context(ctx, inputs, output):
+    target = inputs[3]
+    ctx.has_target, ctx.ignore_index, ctx.reduction, ctx.write_grad = (target is not None, inputs[6], inputs[7],
+                                                                       inputs[9])
+    ctx.save_for_backward(output[1], target if target is not None else output[1].new_empty(0))
+
+
+def _sparse_backward(ctx, grad_loss, _grad_of_grad):
+    if not ctx.write_grad:
+        raise RuntimeError("kd_loss_sparse: backward through a call made without a student gradient "
+                           "(student_logits did not require grad)")
+    grad, target = ctx.saved_tensors
+    target = target if ctx.has_target else None
+    if ctx.reduction != _kd.NONE:
+        grad_loss = grad_loss * _reduction_scale(grad.shape[0], target, ctx.ignore_index, ctx.reduction, grad)
+    return _kd._scaled(grad, grad_loss), *(None,) * 10
+
+
+_sparse_forward.register_autograd(_sparse_backward, setup_context=_sparse_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------------------------------
+
+def _shape(x) -> tuple:
+    return tuple(getattr(x, "shape", ()))
+
+
+def _check_matrix(x, name: str, shape: tuple, dtype: torch.dtype, device) -> None:
+    """x is a tensor of `shape` (None entries: any size >= 1), dtype and device, else a ValueError naming it."""
+    ok_shape = isinstance(x, Tensor) and x.dim() == len(shape) and all(
+        want is None and got >= 1 or got == want for got, want in zip(x.shape, shape))
+    if not ok_shape:
+        wanted = "(" + ", ".join("any" if w is None else str(w) for w in shape) + ")"
+        raise ValueError(f"{name} must be a {len(shape)}-D tensor of shape {wanted}, got {_shape(x)}")
+    if x.dtype != dtype:
+        raise ValueError(f"{name} dtype {x.dtype} does not match student_hidden's {dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}")
+
+
+def _validate_topk(teacher_topk, n: int, vocabulary: int, device) -> tuple[Tensor, Tensor]:
+    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+        raise ValueError("teacher_topk must be a pair (values (N, k), indices (N, k) int64)")
+    values, indices = teacher_topk
+    if not isinstance(values, Tensor) or values.dim() != 2 or values.shape[0] != n or \
+            not values.dtype.is_floating_point:
+        raise ValueError(f"teacher_topk values must be a floating (N, k) = ({n}, k) tensor, got {_shape(values)}")
+    if not isinstance(indices, Tensor) or indices.shape != values.shape or indices.dtype != torch.int64:
+        raise ValueError(f"teacher_topk indices must be an int64 tensor of the values' shape {tuple(values.shape)}, "
+                         f"got {_shape(indices)} {getattr(indices, 'dtype', type(indices).__name__)}")
+    if not 1 <= values.shape[1] <= vocabulary:
+        raise ValueError(f"teacher_topk must hold 1 <= k <= V = {vocabulary} classes a row, got k = {values.shape[1]}")
+    if values.device != device or indices.device != device:
+        raise ValueError(f"teacher_topk is on {values.device}/{indices.device} but the student is on {device}")
+    return values, indices
+
+
+def _validate_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+def _use_triton(like: Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    return _kd._use_triton(like, backend)
+
+
+def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optional[Tensor] = None, *,
+                   student_bias: Optional[Tensor] = None, teacher_logits: Optional[Tensor] = None,
+                   teacher_hidden: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None,
+                   teacher_bias: Optional[Tensor] = None, teacher_topk: Optional[tuple[Tensor, Tensor]] = None,
+                   temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
+                   chunk_size: Optional[int] = None, backend: str = "auto") -> Tensor:
+    """`kd_loss(student_hidden @ student_weight.T + student_bias, teacher_logits, target, ...)` without the (N, V)
+    logits: rows in chunks of `chunk_size` (None: `auto_chunk_size`), extra memory O(chunk · V).
+
+    The teacher is exactly one of: `teacher_logits` (N, V); `teacher_hidden` (N, Ht) with `teacher_weight` (V, Ht)
+    and optionally `teacher_bias` (V,); `teacher_topk` = (values (N, k), indices (N, k) int64), the distribution
+    softmax(values / T) on those k classes and 0 elsewhere. Gradients reach student_hidden, student_weight and
+    student_bias only. backend: "auto" (Triton on CUDA, the compiled CPU kernel on CPU), "triton", or "torch" (the
+    materialised plain-torch reference, for comparison). No host sync under torch.compile; eager calls check target
+    and top-k index values (a host read), as `kd_loss` does.
+    """
+    _check_matrix(student_hidden, "student_hidden", (None, None), getattr(student_hidden, "dtype", None),
+                  getattr(student_hidden, "device", None))
+    if student_hidden.dtype not in _kd._DTYPES:
+        raise ValueError(f"student_hidden must be float32, bfloat16, float16 or float64, got {student_hidden.dtype}")
+    n, width = student_hidden.shape
+    dtype, device = student_hidden.dtype, student_hidden.device
+    _check_matrix(student_weight, "student_weight", (None, width), dtype, device)
+    vocabulary = student_weight.shape[0]
+    if student_bias is not None:
+        _check_matrix(student_bias, "student_bias", (vocabulary,), dtype, device)
+    given = [name for name, x in (("teacher_logits", teacher_logits), ("teacher_hidden", teacher_hidden),
+                                  ("teacher_topk", teacher_topk)) if x is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one teacher: teacher_logits, teacher_hidden with teacher_weight, or "
+                         f"teacher_topk; got {' and '.join(given) if given else 'none'}")
+    if (teacher_weight is not None or teacher_bias is not None) and teacher_hidden is None:
+        raise ValueError("teacher_weight and teacher_bias go with teacher_hidden, which is missing")
+    values = indices = None
+    if teacher_logits is not None:
+        _check_matrix(teacher_logits, "teacher_logits", (n, vocabulary), dtype, device)
+    elif teacher_hidden is not None:
+        _check_matrix(teacher_hidden, "teacher_hidden", (n, None), dtype, device)
+        if teacher_weight is None:
+            raise ValueError("teacher_hidden needs teacher_weight (V, Ht)")
+        _check_matrix(teacher_weight, "teacher_weight", (vocabulary, teacher_hidden.shape[1]), dtype, device)
+        if teacher_bias is not None:
+            _check_matrix(teacher_bias, "teacher_bias", (vocabulary,), dtype, device)
+    else:
+        values, indices = _validate_topk(teacher_topk, n, vocabulary, device)
+    _kd.validate_hyperparameters(temperature, alpha, reduction, backend)
+    _kd.validate_target(target, n, vocabulary, device, "student_hidden", True, ignore_index)
+    _validate_chunk_size(chunk_size)
+    if indices is not None:
+        _check_topk_values(_bad_topk_rows(indices, vocabulary), indices, target, ignore_index, vocabulary)
+    temperature, alpha, ignore_index = float(temperature), float(alpha), int(ignore_index)
+
+    if backend == "torch":
+        return _linear_reference(student_hidden, student_weight, student_bias, target, teacher_logits,
+                                 teacher_hidden, teacher_weight, teacher_bias, values, indices, temperature, alpha,
+                                 ignore_index, reduction)
+    grad_on = torch.is_grad_enabled()
+    wants = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
+    chunk = chunk_size or auto_chunk_size(n, vocabulary, dtype, device)
+    detached = [x.detach() if x is not None else None
+                for x in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias, values)]
+    return _linear_forward(student_hidden, student_weight, student_bias, target, *detached[:4], detached[4], indices,
+                           None, temperature, alpha, ignore_index, _kd._REDUCTIONS.index(reduction), chunk, *wants,
+                           _use_triton(student_hidden, backend))[0]
+
+
+def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indices: Tensor,
+                   target: Optional[Tensor] = None, *, temperature: float = 1.0, alpha: float = 0.5,
+                   ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
+                   backend: str = "auto") -> Tensor:
+    """`kd_loss` against a teacher given by its top-k logits: values (N, k) at indices (N, k) int64, the teacher's
+    distribution softmax(values / T) on those k classes and 0 elsewhere; the student's log-softmax is over all its
+    classes. Repeated or out-of-range indices are a ValueError in eager calls and a NaN loss under compile."""
+    if not isinstance(student_logits, Tensor) or student_logits.dim() != 2 or min(student_logits.shape) < 1:
+        raise ValueError(f"student_logits must be a 2-D (N, C) tensor with N, C >= 1, got {_shape(student_logits)}")
+    if student_logits.dtype not in _kd._DTYPES:
+        raise ValueError(f"student_logits must be float32, bfloat16, float16 or float64, got {student_logits.dtype}")
+    n, vocabulary = student_logits.shape
+    values, indices = _validate_topk((teacher_values, teacher_indices), n, vocabulary, student_logits.device)
+    _kd.validate_hyperparameters(temperature, alpha, reduction, backend)
+    _kd.validate_target(target, n, vocabulary, student_logits.device, "student_logits", True, ignore_index)
+    _validate_chunk_size(chunk_size)
+    _check_topk_values(_bad_topk_rows(indices, vocabulary), indices, target, ignore_index, vocabulary)
+    temperature, alpha, ignore_index = float(temperature), float(alpha), int(ignore_index)
+    if backend == "torch":
+        dense = _dense_from_topk(values, indices, vocabulary, student_logits.dtype)
+        return _kd.kd_loss_reference(student_logits, dense, target, temperature=temperature, alpha=alpha,
+                                     ignore_index=ignore_index, reduction=reduction)
+    write_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    chunk = chunk_size or auto_chunk_size(n, vocabulary, student_logits.dtype, student_logits.device)
+    return _sparse_forward(student_logits, values.detach(), indices, target, temperature, alpha, ignore_index,
+                           _kd._REDUCTIONS.index(reduction), chunk, write_grad,
+                           _use_triton(student_logits, backend))[0]
+
+
+def _dense_from_topk(values: Tensor, indices: Tensor, vocabulary: int, dtype: torch.dtype) -> Tensor:
+    dense = torch.full((values.shape[0], vocabulary), -math.inf, dtype=dtype, device=values.device)
+    return dense.scatter_(1, indices, values.detach().to(dtype))
+
+
+def _linear_reference(hidden, weight, bias, target, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+                      values, indices, temperature, alpha, ignore_index, reduction):
+    """The materialised computation in plain torch with autograd (backend="torch")."""
+    logits = hidden @ weight.T + (bias if bias is not None else 0)
+    if teacher_logits is None:
+        with torch.no_grad():
+            if teacher_hidden is not None:
+                teacher_logits = teacher_hidden @ teacher_weight.T + (teacher_bias if teacher_bias is not None else 0)
+            else:
+                teacher_logits = _dense_from_topk(values, indices, weight.shape[0], hidden.dtype)
+    return _kd.kd_loss_reference(logits, teacher_logits, target, temperature=temperature, alpha=alpha,
+                                 ignore_index=ignore_index, reduction=reduction)
+
+
+class KDLinearLoss(nn.Module):
+    """Module form of `kd_loss_linear`: forward(student_hidden, student_weight, target=None, **teacher and bias)."""
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
+                 reduction: str = "mean", chunk_size: Optional[int] = None, backend: str = "auto"):
+        super().__init__()
+        _kd.validate_hyperparameters(temperature, alpha, reduction, backend)
+        _validate_chunk_size(chunk_size)
+        self.temperature, self.alpha, self.ignore_index = float(temperature), float(alpha), int(ignore_index)
+        self.reduction, self.chunk_size, self.backend = reduction, chunk_size, backend
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, target: Optional[Tensor] = None,
+                **teacher_and_bias) -> Tensor:
+        return kd_loss_linear(student_hidden, student_weight, target, **teacher_and_bias,
+                              temperature=self.temperature, alpha=self.alpha, ignore_index=self.ignore_index,
+                              reduction=self.reduction, chunk_size=self.chunk_size, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}, "
+                f"chunk_size={self.chunk_size}")
