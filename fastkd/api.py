@@ -12,11 +12,12 @@ from torch import Tensor, nn
 
 from . import engine
 from .checkpoint import load_checkpoint
-from .config import PRESETS, Config, check_types, validate
+from .config import Config, check_types, preset_settings, validate, with_legacy_settings
 from .data import make_batches
 from .data.user import DatasetBatches, describe_dataset
 from .distributed import DataParallel, join, leave
 from .models import build_model
+from .models.features import ClassifierNotRun, FeatureTap, check_feature_widths
 from .models.weights import load_teacher_weights
 from .outputs import check_tensorboard
 from .schedule import SELF_METHODS
@@ -75,8 +76,10 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
             batches.memory_format = torch.channels_last
         models = _models(cfg, teacher, student, batches.info)
         if any(x is not None and not isinstance(x, str) for x in (teacher, student, train_data)):
-            num_classes = check_models(cfg.method, models, batches, device)
+            num_classes = check_models(cfg.method, models, batches, device, features=cfg.feature_loss != "none")
             batches.info = dataclasses.replace(batches.info, num_classes=num_classes)
+        if cfg.feature_loss != "none":
+            check_feature_widths(models, {"teacher": cfg.teacher, "student": cfg.student}, batches.info.num_classes)
         return engine.train(cfg, batches, models, out, device, parallel, trace_path=trace, quiet=quiet,
                             resume=state, save_every=save_every, check_replay=check_replay, tensorboard=board)
     finally:
@@ -125,16 +128,13 @@ def config_from_settings(settings: dict) -> Config:
     values = DEFAULTS.to_dict()
     preset = settings.get("preset")
     if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"--preset {preset!r} is unknown; choose from {', '.join(PRESETS)}")
-        values.update(PRESETS[preset])
+        values.update(preset_settings(preset, settings.get("method", DEFAULTS.method)))
     values.update(settings)
     return Config(**values).resolve_defaults()
 
 
 def _check_resumable(cfg: Config, saved: dict) -> None:
-    # What runs saved before these settings existed.
-    saved = {"precision": "fp32", "channels_last": False, "teacher_weights": None, **saved}
+    saved = with_legacy_settings(saved)
     differing = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
     if differing:
         raise ValueError(f"--resume: these settings differ from the saved run: {', '.join(differing)} "
@@ -176,9 +176,10 @@ def _models(cfg: Config, teacher, student, info) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def check_models(method: str, models: dict, batches, device) -> int:
+def check_models(method: str, models: dict, batches, device, features: bool = False) -> int:
     """Run every model once on the first training batch (eval mode, no grad: nothing changes) and check what it
-    returns against the method and the labels; returns the class count. One ValueError per problem."""
+    returns against the method and the labels; returns the class count. One ValueError per problem. `features`: a
+    feature loss is on, and each forward must run the classifier whose input it reads."""
     batch = next(iter(batches.stream([(0, 0)])))
     x, y = batch.x, batch.y
     widths = {}
@@ -186,13 +187,18 @@ def check_models(method: str, models: dict, batches, device) -> int:
         name = type(model).__name__
         was_training = model.training
         model.to(device).eval()
+        tap = FeatureTap(model, role) if features else None
         try:
-            out = model(x)
+            out = tap(model, x)[0] if tap is not None else model(x)
+        except ClassifierNotRun:
+            raise
         except Exception as e:
             raise ValueError(f"{role} {name} failed on a batch of shape {tuple(x.shape)} from the training data: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         finally:
             model.train(was_training)
+            if tap is not None:
+                tap.remove()
         if method in SELF_METHODS:
             widths[role] = _check_multi_exit(out, name, len(y))
         else:

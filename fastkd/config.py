@@ -5,9 +5,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .precision import check_precision, default_precision
-from .schedule import DEFAULT_INTERVAL, METHODS
+from .schedule import DEFAULT_INTERVAL, METHODS, SELF_METHODS, TEACHER_METHODS
 
 # Paper defaults (Sun et al., ICML 2025): T=3, α=0.3, β=0.03, SGD momentum 0.9, weight decay 5e-4, batch 128.
+# β weighs a feature loss in every method: self KD's, and for the two-network methods the official code's
+# torch.dist between the pooled penultimate features (its -feature_loss default, passed by every run.sh command).
 # The lr schedule is ours: lr 0.05 with per-step cosine decay to 0 over each optimizer's own number of steps.
 # 15 epochs of the thin ResNet-20 keep the default digits run well under a minute on 2 CPU cores (98% top-1);
 # image datasets default to the paper's ResNet-18.
@@ -33,6 +35,7 @@ class Config:
     temperature: float = 3.0
     alpha: float = 0.3
     beta: float = 0.03
+    feature_loss: Optional[str] = None  # two-network methods: none, dist, l2, l1, smoothl1; None: dist for them
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -51,8 +54,9 @@ class Config:
         exactly what ran."""
         default_model = DEFAULT_MODELS.get(self.dataset, "resnet18")
         precision = self.precision or default_precision(self.device)
+        feature_loss = self.feature_loss or ("dist" if self.method in TEACHER_METHODS else "none")
         return dataclasses.replace(self, teacher=self.teacher or default_model, student=self.student or default_model,
-                                   precision=precision)
+                                   precision=precision, feature_loss=feature_loss)
 
     def resolved_interval(self) -> Optional[float]:
         if self.method not in DEFAULT_INTERVAL:
@@ -68,11 +72,31 @@ class Config:
 
 
 PRESETS = {
-    # The official code's settings and quirks: constant lr 0.01 for 80 epochs, KLDivLoss on probabilities without
-    # T², teacher BatchNorm in train mode during replay, and no replay of the last partial interval.
-    "official": dict(lr=0.01, lr_schedule="constant", epochs=80, kl_on_probabilities=True,
-                     teacher_train_mode_replay=True, no_final_replay=True),
+    # The official code's settings and quirks: constant lr 0.01 for 80 epochs, the feature term torch.dist with
+    # β = 0.03 (two-network methods), KLDivLoss on probabilities without T², teacher BatchNorm in train mode during
+    # replay, and no replay of the last partial interval.
+    "official": dict(lr=0.01, lr_schedule="constant", epochs=80, feature_loss="dist", beta=0.03,
+                     kl_on_probabilities=True, teacher_train_mode_replay=True, no_final_replay=True),
 }
+
+
+def preset_settings(name: str, method: str) -> dict:
+    """The settings of preset `name` for `method`: its two-network feature term is left out for the methods without
+    a teacher (the self methods keep their own feature loss, weighted by the same β)."""
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name!r} is unknown; choose from {', '.join(PRESETS)}")
+    settings = dict(PRESETS[name])
+    if method not in TEACHER_METHODS:
+        settings.pop("feature_loss", None)
+    return settings
+
+
+# What a run saved before a setting existed ran with: its config.json or checkpoint lacks the key.
+LEGACY_SETTINGS = {"precision": "fp32", "channels_last": False, "teacher_weights": None, "feature_loss": "none"}
+
+
+def with_legacy_settings(saved: dict) -> dict:
+    return {**LEGACY_SETTINGS, **saved}
 
 
 def check_types(settings: dict) -> None:
@@ -88,7 +112,8 @@ def check_types(settings: dict) -> None:
             raise ValueError(f"{key} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
 
 
-_OPTIONAL_TYPES = {"interval": (int, float), "train_subset": (int,), "precision": (str,), "teacher_weights": (str,)}
+_OPTIONAL_TYPES = {"interval": (int, float), "train_subset": (int,), "precision": (str,), "teacher_weights": (str,),
+                   "feature_loss": (str,)}
 
 
 def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
@@ -118,6 +143,7 @@ def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
         raise ValueError(f"--alpha must be in [0, 1], got {cfg.alpha}")
     if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
         raise ValueError(f"--beta must be a finite number >= 0, got {cfg.beta}")
+    check_feature_loss(cfg.feature_loss, cfg.method)
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr}")
     for flag, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
@@ -135,3 +161,15 @@ def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
         raise ValueError(f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
     if cfg.precision is not None:
         check_precision(cfg.precision, cfg.device)
+
+
+def check_feature_loss(name: Optional[str], method: str) -> None:
+    """The two-network feature term needs a teacher; the self methods have their own feature loss (weighted by β)."""
+    from .updates import FEATURE_LOSSES
+
+    if name is not None and name not in ("none", *FEATURE_LOSSES):
+        raise ValueError(f"--feature-loss must be none, {', '.join(FEATURE_LOSSES)}; got {name!r}")
+    if name not in (None, "none") and method not in TEACHER_METHODS:
+        own = " (its own feature loss between heads is always on, weighted by --beta)" if method in SELF_METHODS else ""
+        raise ValueError(f"--feature-loss {name} needs a method with a teacher ({', '.join(TEACHER_METHODS)}), "
+                         f"not --method {method}{own}")

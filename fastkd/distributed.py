@@ -96,6 +96,15 @@ class DataParallel:
                 for p, g in zip(params, summed):
                     p.grad = g / self.size
 
+    def sum_in_step(self, value: torch.Tensor) -> torch.Tensor:
+        """Inside a step (eager or compiled): the sum of a detached tensor over the ranks, by a functional
+        all-reduce that the compiler can place in the step's graph; the tensor itself for a single process."""
+        if not self.launched:
+            return value
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_reduce(value, "sum", dist.group.WORLD)
+
     def sync_buffers(self, model: nn.Module) -> None:
         """Rank 0's BatchNorm running statistics on every rank (at checkpoint points and before evaluations)."""
         self._from_rank0(model.buffers())

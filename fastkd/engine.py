@@ -19,6 +19,7 @@ from torch import nn
 from . import checkpoint
 from .books import LrSchedule, NonFiniteGuard, RunningMean, StepBooks
 from .config import Config
+from .models.features import feature_taps
 from .distributed import SINGLE_PROCESS, DataParallel, fingerprint
 from .optim import init_momentum, make_sgd
 from .outputs import Progress, RunDirectory, Trace, describe, epoch_record
@@ -42,8 +43,8 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
     trace = Trace(trace_path if parallel.is_main else None, truncate_to=resume.get("trace_bytes") if resume else None)
     parallel = parallel.for_steps(cfg.compile)
     roles = build_roles(cfg, models, plan, device, parallel)
-    updates = Updates(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities), cfg.compile,
-                      device, parallel=parallel, precision=cfg.precision)
+    updates = Updates(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities, cfg.feature_loss),
+                      cfg.compile, device, parallel=parallel, precision=cfg.precision)
     test_forward = TestForward(AUTOCAST_DTYPES[cfg.precision], cfg.compile)
     if cfg.compile and parallel.is_main:
         print("fastkd: --compile: each step compiled whole with inductor; "
@@ -60,11 +61,12 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
     books = {name: StepBooks(roles[name].schedule, losses[name], guard) for name in losses}
     progress = Progress(len(plan)) if not quiet and parallel.is_main else None
     window = Throughput()
-    start, live_logits = time.perf_counter(), None
-    with StopSignals() as stop:
+    start, live = time.perf_counter(), None
+    networks = {name: role.model for name, role in _networks(roles).items()}
+    with StopSignals() as stop, feature_taps(networks, on=cfg.feature_loss != "none") as taps:
         for done, (step, batch) in enumerate(batches_along(plan, first, batches, check_replay), first + 1):
             role = roles[step.role]
-            live_logits = run_step(step, role, roles, updates, batch, live_logits, cfg, books[step.role])
+            live = run_step(step, role, roles, updates, batch, live, cfg, books[step.role], taps)
             losses[step.role].count += 1
             images += cfg.batch_size
             window.add(cfg.batch_size)
@@ -186,22 +188,27 @@ class ReplayCheck:
             yield batch
 
 
-def run_step(step: Step, role: Role, roles: dict, updates: Updates, batch, live_logits, cfg: Config,
-             books: StepBooks):
-    """One optimizer step of `role` on `batch`, its lr, loss and guard kept by `books` inside the step; returns a CE
-    step's logits (for online KD's next step), copied out of the step's CUDA-graph memory, or None."""
+def run_step(step: Step, role: Role, roles: dict, updates: Updates, batch, live, cfg: Config,
+             books: StepBooks, taps: Optional[dict] = None):
+    """One optimizer step of `role` on `batch`, its lr, loss and guard kept by `books` inside the step; returns an
+    online teacher step's (logits, pooled features or None) for the student's next step, copied out of the step's
+    CUDA-graph memory, or None. `taps`: the FeatureTaps by network, when a feature loss is on."""
     role.steps_done += 1
     model, opt, x, y = role.stepper, role.optimizer, batch.x, batch.y
+    taps = taps or {}
     if step.kind == "ce":
-        _, _, logits = updates("ce", model, opt, x, y, books=books)
-        return logits.clone() if cfg.method == "online" else None  # only online KD's next step reads them
-    if step.kind == "distill_live":  # online: the logits of the teacher's own forward on this batch
-        updates("distill_live", model, opt, x, y, live_logits, books=books)
+        online = cfg.method == "online"  # only online KD's next step reads the teacher's outputs
+        _, _, logits, features = updates("ce", model, opt, x, y, books=books,
+                                         tap=taps.get(role.name) if online else None)
+        return (logits.clone(), features.clone() if features is not None else None) if online else None
+    if step.kind == "distill_live":  # online: the logits (and features) of the teacher's own forward on this batch
+        updates("distill_live", model, opt, x, y, *live, books=books, tap=taps.get(role.name))
     elif step.kind == "distill":
         teacher = roles["teacher"].model  # a no-grad forward: never through DDP
         # Default: eval mode, BatchNorm running statistics untouched. Official quirk: train mode during replay.
         teacher.train(cfg.teacher_train_mode_replay)
-        updates("distill", model, teacher, opt, x, y, books=books)
+        updates("distill", model, teacher, opt, x, y, books=books, tap=taps.get(role.name),
+                teacher_tap=taps.get("teacher"))
         teacher.train(True)
     else:  # advance, self_distill
         updates(step.kind, model, opt, x, y, books=books)

@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 
 METHODS = ("baseline", "online", "spaced", "offline", "self", "spaced-self")
 SELF_METHODS = ("self", "spaced-self")
+TEACHER_METHODS = ("online", "spaced", "offline")  # two networks: a teacher and a student
 DEFAULT_INTERVAL = {"spaced": 1.5, "spaced-self": 4.0}
 
 

@@ -18,13 +18,14 @@ from .analysis import (hutchinson_trace, loss_profile, mean_std, paired_differen
                        sharpness, training_loss)
 from .analysis.plot import BarChart, Line, LineChart, save_figure
 from .checkpoint import CHECKPOINT, load_checkpoint
-from .config import Config, validate
+from .config import Config, validate, with_legacy_settings
 from .data import make_batches
 from .api import fit
 from .distributed import SINGLE_PROCESS
 from .engine import Interrupted
 from .models import build_model
-from .schedule import METHODS, SELF_METHODS
+from .schedule import METHODS, SELF_METHODS, TEACHER_METHODS
+from .updates import FEATURE_LOSSES
 
 DEFAULTS = Config()
 # (a, b): report a − b paired by seed, when both methods are in the study.
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     t("--temperature", type=float, default=DEFAULTS.temperature)
     t("--alpha", type=float, default=DEFAULTS.alpha)
     t("--beta", type=float, default=DEFAULTS.beta)
+    t("--feature-loss", choices=("none", *FEATURE_LOSSES), default=None,
+      help="the two-network methods' feature term (default: dist for online, spaced and offline)")
     t("--device", default=DEFAULTS.device)
     t("--compile", action="store_true")
     flat = p.add_argument_group("flatness of each final student (training loss, eval mode)")
@@ -94,7 +97,9 @@ def run_configs(args) -> list[Config]:
                   lr_schedule=args.lr_schedule, teacher=args.teacher, student=args.student,
                   temperature=args.temperature, alpha=args.alpha, beta=args.beta, device=args.device,
                   compile=args.compile)
-    configs = [Config(method=m, seed=args.first_seed + k, **shared).resolve_defaults()
+    # An explicit feature term is the two-network methods'; the others run without one (their own "none").
+    configs = [Config(method=m, seed=args.first_seed + k, **shared,
+                      feature_loss=args.feature_loss if m in TEACHER_METHODS else None).resolve_defaults()
                for k in range(args.seeds) for m in methods]
     for cfg in configs:
         validate(cfg)
@@ -114,6 +119,7 @@ def _trained(run_dir: Path) -> bool:
 
 
 def _check_same(run_dir: Path, saved: dict, cfg: Config) -> None:
+    saved = with_legacy_settings(saved)
     differing = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v)
     if differing:
         raise ValueError(f"--out: {run_dir} was trained with other settings ({', '.join(differing)}); "
@@ -218,7 +224,7 @@ def write_markdown(path: Path, agg: dict, command: str, configs: list[Config]) -
         f"Command: `{command}`", "",
         f"Dataset {cfg.dataset}" + (f" ({cfg.train_subset} training samples per seed)" if cfg.train_subset else "")
         + f", {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} {cfg.lr_schedule}, teacher {cfg.teacher}, "
-          f"student {cfg.student}, T={cfg.temperature}, α={cfg.alpha}, β={cfg.beta}.", "",
+          f"student {cfg.student}, T={cfg.temperature}, α={cfg.alpha}, β={cfg.beta}{_feature_text(configs)}.", "",
         "| method | seeds | student top-1 (%) | teacher top-1 (%) | train loss | Hessian trace | sharpness |",
         "| --- | --- | --- | --- | --- | --- | --- |"]
     for m, e in agg["methods"].items():
@@ -239,6 +245,11 @@ def write_markdown(path: Path, agg: dict, command: str, configs: list[Config]) -
                          f"{acc['wins']} / {acc['losses']} of {acc['n']} | {tr['mean']:+.2f} | "
                          f"[{tr['low']:+.2f}, {tr['high']:+.2f}] |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _feature_text(configs: list[Config]) -> str:
+    two_network = {cfg.feature_loss for cfg in configs if cfg.method in TEACHER_METHODS}
+    return f", feature term {'/'.join(sorted(two_network))} (two-network methods)" if two_network else ""
 
 
 def write_plots(out: Path, results: list[dict], methods: list[str]) -> None:

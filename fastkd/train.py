@@ -10,12 +10,13 @@ from pathlib import Path
 
 from .api import DEFAULTS, SETTINGS, default_out, fit
 from .checkpoint import load_checkpoint
-from .config import PRESETS
+from .config import PRESETS, with_legacy_settings
 from .data import DATASETS
 from .distributed import rank_from_env
 from .engine import Interrupted
 from .models import MODELS
 from .schedule import METHODS
+from .updates import FEATURE_LOSSES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="per-step cosine decay to 0, or constant (default cosine, or the preset's)")
     a("--temperature", type=float, default=DEFAULTS.temperature, help="distillation temperature T")
     a("--alpha", type=float, default=DEFAULTS.alpha, help="soft-loss weight α (1−α weighs the label CE)")
-    a("--beta", type=float, default=DEFAULTS.beta, help="self-distillation feature-loss weight β")
+    a("--beta", type=float, default=DEFAULTS.beta,
+      help="feature-loss weight β: of --feature-loss for online, spaced and offline; of the heads' feature loss for "
+           "self and spaced-self")
+    a("--feature-loss", choices=("none", *FEATURE_LOSSES), default=None,
+      help="online, spaced, offline: the student's loss gains β·feature between the two networks' pooled "
+           "penultimate features (equal widths): dist = torch.dist (2-norm of the whole batch's difference, the "
+           "official default), l2/l1/smoothl1 = their means; default dist for these methods (the paper's "
+           "objective), none for the others")
     a("--seed", type=int, default=DEFAULTS.seed, help="seed of initialisation, sampling and augmentation")
     a("--device", default=DEFAULTS.device,
       help="auto, cpu, cuda or cuda:N (under torchrun, cuda gives rank k the GPU cuda:LOCAL_RANK)")
@@ -67,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="a JSON (or, with PyYAML, YAML) file of settings, keyed as a run's config.json (which reproduces that "
            "run); flags given on the command line override it")
     a("--preset", choices=tuple(PRESETS), default=None,
-      help="official: the official code's settings and quirks (lr 0.01 constant, 80 epochs, all three quirks)")
+      help="official: the official code's settings and quirks (lr 0.01 constant, 80 epochs, feature loss dist with "
+           "β 0.03, all three quirks)")
     a("--out", default=None, help="run directory (default runs/<time>-<method>)")
     a("--trace", default=None, help="write one JSON line per optimizer step to this file")
     a("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
@@ -98,6 +107,7 @@ def explicit_settings(argv) -> dict:
 def resumed_settings(saved: dict, given: dict) -> dict:
     """The saved configuration with the settings given (`given`: a --config file's, then the flags) on top;
     `fit(resume=True)` refuses any that differ from it, except the few that may change on resume."""
+    saved = with_legacy_settings(saved)
     return {**{k: saved[k] for k in SETTINGS if k in saved}, **given}
 
 

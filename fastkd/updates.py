@@ -2,7 +2,9 @@
 shapes, the optimizer update inside and no host sync, so that each compiles whole and captures into a CUDA graph.
 
 Every soft-target loss goes through `fastkd.kernels.kd_loss`, except the official code's KL-on-probabilities
-quirk, which is reproduced as written there.
+quirk, which is reproduced as written there. With a feature loss on, the two-network steps also compare the
+student's pooled penultimate feature with the teacher's, both read by `FeatureTap`s from the forwards that give
+the logits.
 """
 import types
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 from fastkd.kernels.kd_loss import kd_loss
 
 from .distributed import SINGLE_PROCESS, DataParallel
+from .models.features import FeatureTap
 from .optim import sgd_update
 from .precision import AUTOCAST_DTYPES, autocast
 
@@ -26,8 +29,9 @@ if TYPE_CHECKING:  # fastkd.books imports this module's term names
 class LossSettings:
     temperature: float
     alpha: float  # weight of the soft (KL) term; 1 − α weighs the hard-label cross-entropy
-    beta: float  # weight of the self-distillation feature loss
+    beta: float  # weight of the feature loss: the self-distillation one, or the two-network one below
     kl_on_probabilities: bool = False  # official-code quirk: KLDivLoss(softmax(s/T), softmax(t/T)), no T²
+    feature_loss: str = "none"  # two-network methods: a FEATURE_LOSSES name, or "none"
 
 
 def soft_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, cfg: LossSettings) -> Tensor:
@@ -45,11 +49,34 @@ def soft_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, cfg: Lo
                    check_target=False, fused_backward=True)
 
 
+# The official code's feature losses (online_KD/train_space.py), between the (batch × width) pooled features:
+# torch.dist is the 2-norm of the whole difference, not averaged over the batch; the others are means.
+FEATURE_LOSSES = {"dist": torch.dist, "l2": F.mse_loss, "l1": F.l1_loss, "smoothl1": F.smooth_l1_loss}
+
+
+def feature_loss(student_features: Tensor, teacher_features: Tensor, cfg: LossSettings,
+                 parallel: DataParallel = SINGLE_PROCESS) -> Tensor:
+    """β·feature_loss(f_student, f_teacher detached) over the global batch, in float32 at least (bf16 features lose
+    small differences over a norm of thousands of terms)."""
+    f_s, f_t = _at_least_float32(student_features), _at_least_float32(teacher_features.detach())
+    if cfg.feature_loss != "dist" or parallel.size == 1:
+        # The means over equal shards average to the global mean, as the gradient averaging needs.
+        return cfg.beta * FEATURE_LOSSES[cfg.feature_loss](f_s, f_t)
+    # torch.dist is not a mean: the norm over the global batch, ‖D‖ = √S with S the ranks' summed squares (as the
+    # official nn.DataParallel code computes it). Value β·‖D‖; gradient size·β·∂S_rank/(2‖D‖), which the
+    # averaging over the ranks turns into the 1-process gradient β·∂S/(2‖D‖).
+    squares = (f_s - f_t).square().sum()
+    norm = parallel.sum_in_step(squares.detach()).sqrt()
+    scale = (2 * norm).clamp_min(torch.finfo(norm.dtype).tiny)  # all features equal: gradient 0, as torch.dist's
+    return cfg.beta * (norm + parallel.size * (squares - squares.detach()) / scale)
+
+
 # What each step reports besides its loss, in order: a non-finite value names the culprit when a loss goes bad.
+_DISTILL_TERMS = ("student logits", "teacher logits", "KD loss (α·T²·KL + (1−α)·CE)", "feature loss (β·feature)")
 TERM_NAMES = {
     "ce": ("logits", "cross-entropy"),
-    "distill_live": ("student logits", "teacher logits", "KD loss (α·T²·KL + (1−α)·CE)"),
-    "distill": ("student logits", "teacher logits", "KD loss (α·T²·KL + (1−α)·CE)"),
+    "distill_live": _DISTILL_TERMS,
+    "distill": _DISTILL_TERMS,
     "advance": ("deepest-head logits", "deepest-head cross-entropy"),
     "self_distill": ("head logits", "deepest-head cross-entropy", "shallow-head KD losses", "feature loss"),
 }
@@ -64,6 +91,11 @@ def _terms(*values: Tensor) -> Tensor:
 
 def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _forward(model: nn.Module, x: Tensor, tap: Optional[FeatureTap]) -> tuple[Tensor, Optional[Tensor]]:
+    """The logits and, with a tap, the pooled feature of the same forward (else None)."""
+    return tap(model, x) if tap is not None else (model(x), None)
 
 
 def _peak(logits: Tensor) -> Tensor:
@@ -84,34 +116,42 @@ def _update(loss: Tensor, terms: Tensor, optimizer, parallel: DataParallel, book
 
 
 def ce_step(model: nn.Module, optimizer, x: Tensor, y: Tensor, parallel: DataParallel = SINGLE_PROCESS,
-            amp: Optional[torch.dtype] = None, books: Optional["StepBooks"] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """A cross-entropy step (the teacher advancing, or the baseline student); also returns the logits.
-    Every step runs its forward under autocast to `amp` (None: float32) and its backward and update outside."""
+            amp: Optional[torch.dtype] = None, books: Optional["StepBooks"] = None,
+            tap: Optional[FeatureTap] = None) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """A cross-entropy step (the teacher advancing, or the baseline student); also returns the logits and, with
+    `tap`, the pooled features (online KD's student distils from both). Every step runs its forward under autocast
+    to `amp` (None: float32) and its backward and update outside."""
     with autocast(amp, x.device.type):
-        logits = model(x)
+        logits, features = _forward(model, x, tap)
         loss = F.cross_entropy(logits, y)
     terms = _terms(_peak(logits), loss)
-    return _update(loss, terms, optimizer, parallel, books), terms, logits.detach()
+    features = features.detach() if features is not None else None
+    return _update(loss, terms, optimizer, parallel, books), terms, logits.detach(), features
 
 
 def distill_step(student: nn.Module, optimizer, x: Tensor, y: Tensor, teacher_logits: Tensor,
-                 cfg: LossSettings, parallel: DataParallel = SINGLE_PROCESS, amp: Optional[torch.dtype] = None,
-                 books: Optional["StepBooks"] = None) -> tuple[Tensor, Tensor]:
-    """The student distilling from given teacher logits (online KD: those of the teacher's own step)."""
+                 teacher_features: Optional[Tensor], cfg: LossSettings, parallel: DataParallel = SINGLE_PROCESS,
+                 amp: Optional[torch.dtype] = None, books: Optional["StepBooks"] = None,
+                 tap: Optional[FeatureTap] = None) -> tuple[Tensor, Tensor]:
+    """The student distilling from given teacher logits (online KD: those of the teacher's own step); with `tap`
+    (the student's) and the teacher's features, plus β·feature_loss between the two networks' pooled features."""
     with autocast(amp, x.device.type):
-        logits = student(x)
-        loss = soft_loss(logits, teacher_logits.to(logits.dtype), y, cfg)
-    terms = _terms(_peak(logits), _peak(teacher_logits), loss)
-    return _update(loss, terms, optimizer, parallel, books), terms
+        logits, features = _forward(student, x, tap)
+        soft = soft_loss(logits, teacher_logits.to(logits.dtype), y, cfg)
+        feature = feature_loss(features, teacher_features, cfg, parallel) if tap is not None else soft.new_zeros(())
+    terms = _terms(_peak(logits), _peak(teacher_logits), soft, feature)
+    # soft keeps weight 1 in the sum, as kd_loss's fused backward needs (adding a zero leaves it bit for bit).
+    return _update(soft + feature, terms, optimizer, parallel, books), terms
 
 
 def replay_step(student: nn.Module, teacher: nn.Module, optimizer, x: Tensor, y: Tensor,
                 cfg: LossSettings, parallel: DataParallel = SINGLE_PROCESS, amp: Optional[torch.dtype] = None,
-                books: Optional["StepBooks"] = None) -> tuple[Tensor, Tensor]:
+                books: Optional["StepBooks"] = None, tap: Optional[FeatureTap] = None,
+                teacher_tap: Optional[FeatureTap] = None) -> tuple[Tensor, Tensor]:
     """The student replaying a batch, distilling from the teacher as it is now (its mode is set by the caller)."""
     with torch.no_grad(), autocast(amp, x.device.type):
-        teacher_logits = teacher(x)
-    return distill_step(student, optimizer, x, y, teacher_logits, cfg, parallel, amp, books)
+        teacher_logits, teacher_features = _forward(teacher, x, teacher_tap)
+    return distill_step(student, optimizer, x, y, teacher_logits, teacher_features, cfg, parallel, amp, books, tap)
 
 
 def advance_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, parallel: DataParallel = SINGLE_PROCESS,
@@ -177,14 +217,15 @@ class Updates:
         else:
             self.steps = dict(UPDATES)
 
-    def __call__(self, kind: str, *args, books: Optional["StepBooks"] = None):
-        """One step of `kind`; `books` (the engine's) sets its lr and records its loss inside the step."""
+    def __call__(self, kind: str, *args, books: Optional["StepBooks"] = None, **taps):
+        """One step of `kind`; `books` (the engine's) sets its lr and records its loss inside the step. `taps`:
+        the FeatureTaps of a feature loss (`tap=` the stepping network's, `teacher_tap=` for a replay)."""
         if kind in SOFT_TARGET_KINDS:
             args = (*args, self.cfg)
         if not self.compile:
-            return self.steps[kind](*args, self.parallel, self.amp, books)
+            return self.steps[kind](*args, self.parallel, self.amp, books, **taps)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         # Lets Dynamo trace loss.backward() into the step's graph instead of breaking it there; scoped to the call.
         with torch._dynamo.config.patch(trace_autograd_ops=True):
-            return self.steps[kind](*args, self.parallel, self.amp, books)
+            return self.steps[kind](*args, self.parallel, self.amp, books, **taps)

@@ -59,7 +59,7 @@ def _step_inputs(kind: str, seed: int):
     if kind == "distill":
         extra = (build_model("tiny", data.info).double().eval(),)
     elif kind == "distill_live":
-        extra = (torch.randn(32, data.info.num_classes, dtype=torch.float64) * 3,)
+        extra = (torch.randn(32, data.info.num_classes, dtype=torch.float64) * 3, None)  # logits, no features
     return model, optimizer, x, y, extra
 
 
@@ -107,3 +107,41 @@ def test_compiled_step_does_not_recompile_when_the_lr_changes():
         for step in range(1, 6):
             set_lr(optimizer, 0.05 / (step + 1))
             _call(fns, "distill", model, optimizer, x, y, extra)
+
+
+@pytest.mark.slow
+def test_online_steps_with_the_feature_term_compile_whole_once_and_match_eager():
+    """Online KD with the feature term: the teacher's CE step returns its pooled features (read by its tap inside
+    the graph) and the student's step distils from them. fullgraph, no recompile over steps whose lr changes, and
+    the values of the eager steps."""
+    from fastkd.models.features import feature_taps
+
+    torch._dynamo.reset()
+    data = load_synthetic()
+    settings = LossSettings(3.0, 0.3, 0.03, feature_loss="dist")
+    results = []
+    for compile in (True, False):
+        torch.manual_seed(0)
+        teacher, student = build_model("tiny", data.info), build_model("tiny", data.info)
+        optimizers = [make_sgd(m, 0.05, 0.9, 5e-4) for m in (teacher, student)]
+        for opt in optimizers:
+            init_momentum(opt)
+        fns, terms = Updates(settings, compile, torch.device("cpu")), []
+        with feature_taps({"teacher": teacher, "student": student}, on=True) as taps:
+            for step in range(4):
+                x, y = data.train_x[32 * step:32 * (step + 1)], data.train_y[32 * step:32 * (step + 1)]
+                for opt in optimizers:
+                    set_lr(opt, 0.05 / (step + 1))
+                with torch.compiler.set_stance("fail_on_recompile" if compile and step else "default"):
+                    _, _, logits, features = fns("ce", teacher, optimizers[0], x, y, tap=taps["teacher"])
+                    terms.append(fns("distill_live", student, optimizers[1], x, y, logits.clone(), features.clone(),
+                                     tap=taps["student"])[1])
+        results.append((torch.stack(terms), [p.detach().clone() for p in student.parameters()]))
+    (terms_c, weights_c), (terms_e, weights_e) = results
+    assert (terms_e[:, 3] > 0).all()
+    # float32, the compiled graph reorders sums (convolutions, the norm's 32×64 squares): relative error a few
+    # eps32 per value (1e-6), grown over 4 steps of SGD; 1e-4 leaves room and still catches a missing or mis-scaled
+    # term, which is O(0.1) to O(1) here, a large share of the loss.
+    torch.testing.assert_close(terms_c, terms_e, rtol=1e-4, atol=1e-5)
+    for w_c, w_e in zip(weights_c, weights_e):
+        torch.testing.assert_close(w_c, w_e, rtol=1e-4, atol=1e-5)

@@ -111,7 +111,8 @@ EQUIVALENCE = ["--method", "spaced", "--dataset", "synthetic", "--teacher", "tin
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_two_ranks_end_with_the_one_process_weights(tmp_path, compile):
-    """Same pixels (augmentation by sample identity) and averaged gradients: 2 ranks train the 1-process run."""
+    """Same pixels (augmentation by sample identity) and averaged gradients: 2 ranks train the 1-process run. With
+    the default feature term (dist, not a mean): its norm over the global batch, not each rank's half."""
     args = EQUIVALENCE + (["--compile"] if compile else [])
     two = torchrun([*args, "--out", str(tmp_path / "two"), "--trace", str(tmp_path / "two.trace")])
     assert two.returncode == 0, two.stderr[-3000:]

@@ -250,7 +250,7 @@ def run_step(fns, kind, roles, batch):
     teacher, t_opt, student, s_opt = roles
     x, y = batch
     if kind == "ce":
-        loss, _, logits = fns("ce", teacher, t_opt, x, y)
+        loss, _, logits, _ = fns("ce", teacher, t_opt, x, y)
         return loss.clone(), logits.clone()
     teacher.eval()  # replay targets from the teacher in eval mode (the engine's default)
     loss, _ = fns("distill", student, teacher, s_opt, x, y)

@@ -89,7 +89,7 @@ def test_a_channels_last_step_computes_the_nchw_step():
         optimizer = make_sgd(model, 0.05, 0.9, 5e-4)
         init_momentum(optimizer)
         step = Updates(LossSettings(3.0, 0.3, 0.03), compile=False, device=torch.device("cpu"))
-        loss, _, logits = step("ce", model, optimizer, x.contiguous(memory_format=memory_format), y)
+        loss, _, logits, _ = step("ce", model, optimizer, x.contiguous(memory_format=memory_format), y)
         results.append((loss, logits, [p.detach().clone() for p in model.parameters()]))
     (loss0, logits0, weights0), (loss1, logits1, weights1) = results
     # The same float32 arithmetic with convolution sums in another order: a few roundings of each value apart

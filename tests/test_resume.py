@@ -199,6 +199,9 @@ def test_bad_input_matrix_leaves_an_existing_run_untouched(tmp_path, capsys):
         ["--resume", str(tmp_path / "empty")],
         ["--resume", str(run), "--temperature", "5"],
         ["--resume", str(run), "--precision", "bf16"],
+        ["--resume", str(run), "--feature-loss", "none"],
+        ["--method", "spaced", "--teacher", "resnet18", "--student", "tiny"],  # feature widths 512 and 64
+        ["--method", "self", "--feature-loss", "dist"],
         ["--precision", "fp16"],
         ["--teacher", "torchvision:no_such_net"],
         ["--method", "offline", "--teacher-weights", str(tmp_path / "missing.pt")],

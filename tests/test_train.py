@@ -108,6 +108,8 @@ def test_official_preset_sets_its_values_and_an_explicit_flag_wins():
 
     cfg = config_from_args(["--preset", "official", "--epochs", "3"])
     assert (cfg.lr, cfg.lr_schedule, cfg.epochs) == (0.01, "constant", 3)
+    assert (cfg.feature_loss, cfg.beta) == ("dist", 0.03)
+    assert config_from_args(["--preset", "official", "--feature-loss", "l1"]).feature_loss == "l1"
     assert cfg.kl_on_probabilities and cfg.teacher_train_mode_replay and cfg.no_final_replay
     plain = config_from_args([])
     assert plain == Config().resolve_defaults()
@@ -144,6 +146,11 @@ BAD = [
     (["--student", "timm:no-such-model"], "--student"),
     (["--teacher", "torchvision:vit_b_16"], "torchvision:vit_b_16"),  # 16-px patches do not tile 8×8 images
     (["--precision", "fp16"], "--precision"),
+    (["--method", "baseline", "--feature-loss", "dist"], "--feature-loss"),
+    (["--method", "spaced-self", "--feature-loss", "l2"], "--feature-loss"),
+    (["--feature-loss", "cosine"], "--feature-loss"),
+    (["--teacher", "resnet18", "--student", "resnet20"], "--feature-loss"),  # pooled feature widths 512 and 64
+    (["--method", "online", "--teacher", "mobilenetv2", "--student", "vit-tiny"], "--feature-loss"),  # 1280, 192
 ]
 
 
@@ -233,7 +240,7 @@ def test_tensorboard_without_its_package_is_one_line(tmp_path, capsys, monkeypat
 @pytest.mark.parametrize("dataset", ["synthetic", "digits"])  # 3 and 1 input channels
 def test_torchvision_models_by_name_train_and_reload(tmp_path, dataset):
     out, _ = run_cli(tmp_path, "--dataset", dataset, "--epochs", "1", "--teacher", "torchvision:resnet18",
-                     "--student", "torchvision:mobilenet_v3_small", name=dataset)
+                     "--student", "torchvision:mobilenet_v3_small", "--feature-loss", "none", name=dataset)
     saved = json.loads((out / "config.json").read_text())
     info = load_dataset(dataset).info
     for role in ("teacher", "student"):
@@ -265,7 +272,8 @@ def test_torchvision_weights_by_name_come_from_the_local_hub_cache_only(tmp_path
     import torchvision
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    args = [*QUICK, "--method", "offline", "--teacher", "torchvision:resnet18", "--teacher-weights", "IMAGENET1K_V1"]
+    args = [*QUICK, "--method", "offline", "--teacher", "torchvision:resnet18", "--teacher-weights", "IMAGENET1K_V1",
+            "--feature-loss", "none"]  # its width 512 is not the tiny student's 64
     assert main([*args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not in the local cache" in err and str(tmp_path / "torch-home") in err, err
@@ -300,7 +308,8 @@ def test_timm_weights_by_name_come_from_the_local_hugging_face_cache_only(tmp_pa
 
     cache = tmp_path / "hf-cache"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    args = [*QUICK, "--method", "offline", "--teacher", "timm:resnet18", "--teacher-weights", "a1_in1k"]
+    args = [*QUICK, "--method", "offline", "--teacher", "timm:resnet18", "--teacher-weights", "a1_in1k",
+            "--feature-loss", "none"]  # its width 512 is not the tiny student's 64
     assert main([*args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not in the local cache" in err and "timm/resnet18.a1_in1k" in err, err
