@@ -21,7 +21,7 @@ from .analysis import (hutchinson_trace, loss_profile, mean_std, paired_differen
                        sharpness, training_loss)
 from .analysis.plot import BarChart, Line, LineChart, save_figure
 from .checkpoint import CHECKPOINT, load_checkpoint
-from .config import Config, validate, with_legacy_settings
+from .config import Config, preset_settings, validate, with_legacy_settings
 from .data import make_batches
 from .api import fit
 from .distributed import SINGLE_PROCESS
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="the interval curve: every spaced method of --methods at each interval s (in epochs), or per method "
            "(spaced=0.5,1.5 spaced-self=2,4); each paired by seed with its unspaced counterpart (online, self), "
            "which is added to the study when missing")
+    a("--official-point", action="store_true",
+      help="add every spaced method of the study and its counterpart at the default interval with the official "
+           "preset's loss and lr schedule (quirks, feature term, constant lr 0.01), at the study's epochs")
     a("--equal-steps-control", action="store_true",
       help="add self KD with spaced-self's number of optimizer steps (twice the epochs): the control of its "
            "second step per batch")
@@ -111,19 +114,26 @@ def run_configs(args) -> list["StudyRun"]:
     # A curve pairs each spaced method with its unspaced counterpart: that one runs too.
     methods += [m for m in intervals if m not in methods]
     methods += [UNSPACED[m] for m in intervals if UNSPACED[m] not in methods]
-    runs = [(m, s) for m in methods for s in intervals.get(m, [None])]
+    runs = [(m if s is None else f"{m}@{s:g}", m, s) for m in methods for s in intervals.get(m, [None])]
     if args.equal_steps_control:
-        runs.append((EQUAL_STEPS, None))
+        runs.append((EQUAL_STEPS, "self", None))
+    if args.official_point:  # each spaced method and its counterpart at the default s, under the preset
+        runs += [(f"{m}{OFFICIAL}", m, None) for spaced in methods if spaced in UNSPACED
+                 for m in (spaced, UNSPACED[spaced])]
 
-    def config(method, interval, seed):
+    def config(label, method, interval, seed):
+        settings = dict(shared)
+        if label == EQUAL_STEPS:
+            settings["epochs"] *= 2
         # An explicit feature term is the two-network methods'; the others run without one (their own "none").
-        epochs = shared["epochs"] * (2 if method == EQUAL_STEPS else 1)
-        base = "self" if method == EQUAL_STEPS else method
-        return Config(method=base, seed=seed, interval=interval, **{**shared, "epochs": epochs},
-                      feature_loss=args.feature_loss if base in TEACHER_METHODS else None).resolve_defaults()
+        settings["feature_loss"] = args.feature_loss if method in TEACHER_METHODS else None
+        if label.endswith(OFFICIAL):  # the official loss and lr schedule; the study's budget (epochs) stays
+            settings.update({k: v for k, v in preset_settings("official", method).items() if k != "epochs"},
+                            preset="official")
+        return Config(method=method, seed=seed, interval=interval, **settings).resolve_defaults()
 
-    study = [StudyRun(m if s is None else f"{m}@{s:g}", config(m, s, args.first_seed + k))
-             for k in range(args.seeds) for m, s in runs]
+    study = [StudyRun(label, config(label, method, s, args.first_seed + k))
+             for k in range(args.seeds) for label, method, s in runs]
     for run in study:
         validate(run.cfg)
     return study
@@ -131,6 +141,7 @@ def run_configs(args) -> list["StudyRun"]:
 
 UNSPACED = {"spaced": "online", "spaced-self": "self"}  # the counterpart a spaced method is compared with
 EQUAL_STEPS = "self-equal-steps"  # self KD with twice the epochs: spaced-self's optimizer steps
+OFFICIAL = "+official"  # a label's suffix: the run has the official preset's loss and lr schedule
 
 
 def parse_intervals(items: Optional[list[str]], methods: list[str]) -> dict[str, list[float]]:
@@ -274,6 +285,9 @@ def study_pairs(labels: list[str]) -> list[tuple[str, str]]:
             pairs.append((a, UNSPACED[method]))
         if method == "spaced-self" and EQUAL_STEPS in labels:
             pairs.append((a, EQUAL_STEPS))
+        base = a.removesuffix(OFFICIAL)
+        if a.endswith(OFFICIAL) and base in UNSPACED and UNSPACED[base] + OFFICIAL in labels:
+            pairs.append((a, UNSPACED[base] + OFFICIAL))
     return pairs
 
 

@@ -225,3 +225,14 @@ def test_interval_curve_runs_each_interval_paired_with_its_counterpart(tmp_path)
 def test_bad_intervals_are_one_clear_error(tmp_path, capsys, intervals, message):
     assert study.main(["--methods", "spaced", "--intervals", *intervals, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_official_point_pairs_the_preset_runs_at_the_study_budget(tmp_path):
+    args = ["--methods", "spaced", "--official-point", "--seeds", "2", *SMALL, "--out", str(tmp_path)]
+    runs = {(run.label, run.cfg.seed): run.cfg for run in study.run_configs(study.build_parser().parse_args(args))}
+    assert sorted(runs) == sorted((m, s) for m in ("spaced", "spaced+official", "online+official") for s in (0, 1))
+    official = runs[("spaced+official", 0)]
+    assert official.preset == "official" and official.epochs == 1 and official.kl_on_probabilities
+    assert (official.lr, official.lr_schedule, official.feature_loss) == (0.01, "constant", "dist")
+    assert study.study_pairs(["spaced", "spaced+official", "online+official"]) == [
+        ("spaced+official", "online+official")]
