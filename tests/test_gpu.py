@@ -314,6 +314,48 @@ def float32_convolutions(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
+def test_kd_loss_linear_is_captured_in_a_cuda_graph_and_replays_the_eager_result():
+    """Fused linear + KD at an LLM vocabulary, bf16, forward and backward captured in one CUDA graph: no host sync
+    anywhere in the chunk loop (capture fails on one), and each replay reproduces the eager gradients."""
+    from fastkd.kernels.kd_loss import kd_loss_linear
+
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    n, hidden, vocabulary = 1024, 256, 128256
+    h = torch.randn(n, hidden, device=CUDA, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(vocabulary, hidden, device=CUDA, generator=g) * 0.1).bfloat16().requires_grad_()
+    th = torch.randn(n, hidden, device=CUDA, generator=g).bfloat16()
+    tw = (torch.randn(vocabulary, hidden, device=CUDA, generator=g) * 0.1).bfloat16()
+    y = torch.randint(0, vocabulary, (n,), device=CUDA, generator=g)
+    y[::7] = IGNORE
+
+    def step():
+        h.grad = w.grad = None
+        loss = kd_loss_linear(h, w, y, teacher_hidden=th, teacher_weight=tw, temperature=1.0, alpha=0.5,
+                              chunk_size=384)  # three chunks, the last one partial
+        loss.backward()
+        return loss.detach()
+
+    eager_loss = step()
+    eager = (h.grad.clone(), w.grad.clone())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    h.grad = w.grad = None
+    with torch.cuda.graph(graph):
+        loss = kd_loss_linear(h, w, y, teacher_hidden=th, teacher_weight=tw, temperature=1.0, alpha=0.5,
+                              chunk_size=384)
+        loss.backward()
+    for _ in range(2):
+        h.grad.zero_(), w.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(loss, eager_loss)  # the same kernels on the same data: bit for bit
+        assert torch.equal(h.grad, eager[0]) and torch.equal(w.grad, eager[1])
+
+
 def test_compiled_cuda_graph_step_matches_eager_step_and_never_recompiles(float32_convolutions):
     from torch._dynamo.utils import counters
 
