@@ -5,7 +5,8 @@ logits). Both are the objective of `kd_loss`, α·T²·KL + (1−α)·CE per row
 Per chunk of rows: the student's logits (one matmul), the teacher's (given, one matmul, or scattered from its
 top-k), then the fused kernel writes the chunk's loss rows and ∂ℓ/∂logits in one pass, and that gradient is
 contracted at once into ∂hidden (a matmul) and ∂weight, ∂bias (accumulated), then dropped. So the extra memory is a
-few (chunk, V) buffers whatever N is, and nothing in any path reads a tensor's values on the host.
+few (chunk, V) buffers whatever N is. Nothing reads a tensor's values on the host, except the eager calls' checks
+of target and top-k index values (as kd_loss's target check; skipped under torch.compile and CUDA-graph capture).
 
 The gradients are made in the forward (the backward only scales them by the incoming gradient), except for
 reduction "none": its per-row incoming gradients are known only in the backward, which then runs the chunks again
@@ -74,11 +75,16 @@ def _in_chunks(n: int, chunk: int, student: Callable, teacher: Callable, target:
     return rows
 
 
-def _topk_teacher(values: Tensor, indices: Tensor, vocabulary: int, dtype: torch.dtype, buffer: Tensor,
-                  bad_rows: Tensor) -> Callable:
-    """teacher(r0, r1) for a top-k teacher: -inf everywhere but its k classes; a row with bad indices is NaN."""
-    safe = indices.clamp(0, vocabulary - 1)
-    values = torch.where(bad_rows[:, None], math.nan, values.to(dtype))
+def _scatterable(values: Tensor, indices: Tensor, vocabulary: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(values in dtype, indices in range) for scattering a top-k teacher; a row with bad indices (repeated or out
+    of range) gets NaN values, so that its loss is NaN rather than silently wrong."""
+    bad_rows = _bad_topk_rows(indices, vocabulary)
+    return torch.where(bad_rows[:, None], math.nan, values.to(dtype)), indices.clamp(0, vocabulary - 1)
+
+
+def _topk_teacher(values: Tensor, indices: Tensor, vocabulary: int, dtype: torch.dtype, buffer: Tensor) -> Callable:
+    """teacher(r0, r1) for a top-k teacher: -inf everywhere but its k classes."""
+    values, safe = _scatterable(values, indices, vocabulary, dtype)
 
     def teacher(r0, r1):
         t = buffer[: r1 - r0]
@@ -96,12 +102,13 @@ def _bad_topk_rows(indices: Tensor, vocabulary: int) -> Tensor:
     return out_of_range | repeated
 
 
-def _check_topk_values(bad_rows: Tensor, indices: Tensor, target: Optional[Tensor], ignore_index: int,
-                       vocabulary: int) -> None:
+def _check_topk_values(indices: Tensor, target: Optional[Tensor], ignore_index: int, vocabulary: int,
+                       name: str) -> None:
     """Eager calls: a ValueError for the first counted row with bad indices. Like the target check, a host read,
     skipped while compiling or capturing a CUDA graph, where such a row makes the loss NaN instead."""
     if torch.compiler.is_compiling() or (indices.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
+    bad_rows = _bad_topk_rows(indices, vocabulary)
     if target is not None:
         bad_rows = bad_rows & (target != ignore_index)
     if not bool(bad_rows.any()):
@@ -111,7 +118,7 @@ def _check_topk_values(bad_rows: Tensor, indices: Tensor, target: Optional[Tenso
     outside = [c for c in classes if not 0 <= c < vocabulary]
     what = f"class {outside[0]} outside [0, {vocabulary})" if outside else \
         f"class {next(c for c in classes if classes.count(c) > 1)} twice"
-    raise ValueError(f"teacher_topk indices of row {row} hold {what}")
+    raise ValueError(f"{name} of row {row} hold {what}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -152,34 +159,33 @@ def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
                 return torch.mm(teacher_hidden[r0:r1], teacher_weight.T, out=out)
             return torch.addmm(teacher_bias, teacher_hidden[r0:r1], teacher_weight.T, out=out)
     else:
-        teacher = _topk_teacher(topk_values, topk_indices, vocabulary, dtype, teacher_buffer,
-                                _bad_topk_rows(topk_indices, vocabulary))
+        teacher = _topk_teacher(topk_values, topk_indices, vocabulary, dtype, teacher_buffer)
 
     d_hidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)  # (outputs must not alias)
     d_weight = torch.zeros_like(weight) if grad_weight else hidden.new_empty(0)
     d_bias = torch.zeros_like(bias) if grad_bias else hidden.new_empty(0)
     grad_buffer = torch.empty_like(logits) if (grad_hidden or grad_weight or grad_bias) and use_triton else None
 
+    # Each row's weight in the objective: the reduction's (1 or 1/count), or the backward's per-row gradients. It
+    # is applied to each chunk's small factors before anything is summed over rows, so that a float16 ∂weight
+    # cannot overflow on an unscaled sum.
+    # (The weights are float32, float64 for float64 inputs: each product with them rounds once, to the input's dtype.)
+    scale = None
+    if row_weights is None and reduction != _kd.NONE:
+        scale = _kd._reduction_scale(hidden, target, ignore_index, _kd._REDUCTIONS[reduction])
+
     def consume(r0, r1, grad):
-        w = None if row_weights is None else row_weights[r0:r1, None]
+        w = scale if row_weights is None else row_weights[r0:r1, None]
         if grad_hidden:
-            out = d_hidden[r0:r1]
-            torch.mm(grad, weight, out=out)
-            if w is not None:
-                out.mul_(w)
+            torch.mm(grad, weight, out=d_hidden[r0:r1]).mul_(w)
         if grad_weight:  # accumulated in the weight's dtype, one rounding per chunk (as a beta=1 GEMM does)
-            h = hidden[r0:r1] if w is None else hidden[r0:r1] * w.to(dtype)
-            d_weight.addmm_(grad.T, h)
+            d_weight.addmm_(grad.T, (hidden[r0:r1] * w).to(dtype))
         if grad_bias:
-            d_bias.add_(grad.sum(0) if w is None else (grad * w.to(dtype)).sum(0))
+            d_bias.add_((grad * w).sum(0) if w.dim() else grad.sum(0) * w)
 
     rows = _in_chunks(n, rows_per_chunk, student, teacher, target, (temperature, alpha, ignore_index),
                       grad_hidden or grad_weight or grad_bias, use_triton,
                       lambda r0, r1: grad_buffer[: r1 - r0], consume)
-    if reduction != _kd.NONE:  # the reduction's weight, on these tensors of our own
-        scale = _reduction_scale(n, target, ignore_index, reduction, rows)
-        for grad in (d_hidden, d_weight, d_bias):
-            grad.mul_(scale)
     loss = rows if reduction == _kd.NONE else _kd._reduce(rows, target, ignore_index, _kd._REDUCTIONS[reduction])
     return loss, d_hidden, d_weight, d_bias
 
@@ -211,7 +217,14 @@ def _linear_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[1:])
 
 
+def _no_double_backward(name: str) -> None:
+    # The saved gradients are constants to autograd: a gradient of them would be silently zero.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported")
+
+
 def _linear_backward(ctx, grad_loss, _d_hidden, _d_weight, _d_bias):
+    _no_double_backward("kd_loss_linear")
     reduction, grad_hidden, grad_weight, grad_bias = ctx.settings[3], *ctx.settings[5:8]
     if reduction == _kd.NONE:
         saved = iter(ctx.saved_tensors)
@@ -221,16 +234,9 @@ def _linear_backward(ctx, grad_loss, _d_hidden, _d_weight, _d_bias):
     else:
         # A new tensor, not the saved one scaled in place, so that a second backward through the same call
         # (retain_graph=True) stays exact; the saved one is freed right after this backward.
-        d_hidden, d_weight, d_bias = (g * grad_loss for g in ctx.saved_tensors)
+        d_hidden, d_weight, d_bias = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
     return (d_hidden if grad_hidden else None, d_weight if grad_weight else None, d_bias if grad_bias else None,
             *(None,) * 17)
-
-
-def _reduction_scale(n, target, ignore_index, reduction, like: Tensor) -> Tensor:
-    one = torch.ones((), dtype=_kd._result_dtype(like), device=like.device)
-    if reduction == _kd.SUM:
-        return one
-    return one / (n if target is None else (target != ignore_index).sum().clamp(min=1))
 
 
 _linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -248,8 +254,7 @@ def _sparse_forward(s: Tensor, topk_values: Tensor, topk_indices: Tensor, target
     n, vocabulary = s.shape
     rows_per_chunk = min(chunk, n)
     teacher_buffer = torch.empty((rows_per_chunk, vocabulary), dtype=s.dtype, device=s.device)
-    teacher = _topk_teacher(topk_values, topk_indices, vocabulary, s.dtype, teacher_buffer,
-                            _bad_topk_rows(topk_indices, vocabulary))
+    teacher = _topk_teacher(topk_values, topk_indices, vocabulary, s.dtype, teacher_buffer)
     grad = torch.empty((n, vocabulary) if write_grad else (0,), dtype=s.dtype, device=s.device)
 
     def consume(r0, r1, chunk_grad):
@@ -280,10 +285,12 @@ def _sparse_backward(ctx, grad_loss, _grad_of_grad):
     if not ctx.write_grad:
         raise RuntimeError("kd_loss_sparse: backward through a call made without a student gradient "
                            "(student_logits did not require grad)")
+    _no_double_backward("kd_loss_sparse")
     grad, target = ctx.saved_tensors
     target = target if ctx.has_target else None
     if ctx.reduction != _kd.NONE:
-        grad_loss = grad_loss * _reduction_scale(grad.shape[0], target, ctx.ignore_index, ctx.reduction, grad)
+        reduction = _kd._REDUCTIONS[ctx.reduction]
+        grad_loss = grad_loss * _kd._reduction_scale(grad, target, ctx.ignore_index, reduction)
     return _kd._scaled(grad, grad_loss), *(None,) * 10
 
 
@@ -311,21 +318,20 @@ def _check_matrix(x, name: str, shape: tuple, dtype: torch.dtype, device) -> Non
         raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}")
 
 
-def _validate_topk(teacher_topk, n: int, vocabulary: int, device) -> tuple[Tensor, Tensor]:
-    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
-        raise ValueError("teacher_topk must be a pair (values (N, k), indices (N, k) int64)")
-    values, indices = teacher_topk
+def _validate_topk(values, indices, n: int, vocabulary: int, device, names: tuple[str, str, str]) -> None:
+    """names: how the caller calls the values, the indices and the student."""
+    values_name, indices_name, student_name = names
     if not isinstance(values, Tensor) or values.dim() != 2 or values.shape[0] != n or \
             not values.dtype.is_floating_point:
-        raise ValueError(f"teacher_topk values must be a floating (N, k) = ({n}, k) tensor, got {_shape(values)}")
+        raise ValueError(f"{values_name} must be a floating (N, k) = ({n}, k) tensor, got {_shape(values)}")
     if not isinstance(indices, Tensor) or indices.shape != values.shape or indices.dtype != torch.int64:
-        raise ValueError(f"teacher_topk indices must be an int64 tensor of the values' shape {tuple(values.shape)}, "
+        raise ValueError(f"{indices_name} must be an int64 tensor of the values' shape {tuple(values.shape)}, "
                          f"got {_shape(indices)} {getattr(indices, 'dtype', type(indices).__name__)}")
     if not 1 <= values.shape[1] <= vocabulary:
-        raise ValueError(f"teacher_topk must hold 1 <= k <= V = {vocabulary} classes a row, got k = {values.shape[1]}")
+        raise ValueError(f"{values_name} must hold 1 <= k <= V = {vocabulary} classes a row, got k = {values.shape[1]}")
     if values.device != device or indices.device != device:
-        raise ValueError(f"teacher_topk is on {values.device}/{indices.device} but the student is on {device}")
-    return values, indices
+        raise ValueError(f"{values_name} and {indices_name} are on {values.device}/{indices.device} but "
+                         f"{student_name} is on {device}")
 
 
 def _validate_chunk_size(chunk_size) -> None:
@@ -334,10 +340,9 @@ def _validate_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
-def _use_triton(like: Tensor, backend: str) -> bool:
-    if backend == "torch":
-        return False
-    return _kd._use_triton(like, backend)
+def _as_int64(target: Optional[Tensor]) -> Optional[Tensor]:
+    # Any integer dtype is accepted; the kernels and the reference's cross-entropy index with int64.
+    return target.long() if target is not None else None
 
 
 def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optional[Tensor] = None, *,
@@ -384,14 +389,18 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
         if teacher_bias is not None:
             _check_matrix(teacher_bias, "teacher_bias", (vocabulary,), dtype, device)
     else:
-        values, indices = _validate_topk(teacher_topk, n, vocabulary, device)
+        if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+            raise ValueError("teacher_topk must be a pair (values (N, k), indices (N, k) int64)")
+        values, indices = teacher_topk
+        _validate_topk(values, indices, n, vocabulary, device,
+                       ("teacher_topk values", "teacher_topk indices", "student_hidden"))
     _kd.validate_hyperparameters(temperature, alpha, reduction, backend)
     _kd.validate_target(target, n, vocabulary, device, "student_hidden", True, ignore_index)
     _validate_chunk_size(chunk_size)
     if indices is not None:
-        _check_topk_values(_bad_topk_rows(indices, vocabulary), indices, target, ignore_index, vocabulary)
+        _check_topk_values(indices, target, ignore_index, vocabulary, "teacher_topk indices")
     temperature, alpha, ignore_index = float(temperature), float(alpha), int(ignore_index)
-
+    target = _as_int64(target)
     if backend == "torch":
         return _linear_reference(student_hidden, student_weight, student_bias, target, teacher_logits,
                                  teacher_hidden, teacher_weight, teacher_bias, values, indices, temperature, alpha,
@@ -403,7 +412,7 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
                 for x in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias, values)]
     return _linear_forward(student_hidden, student_weight, student_bias, target, *detached[:4], detached[4], indices,
                            None, temperature, alpha, ignore_index, _kd._REDUCTIONS.index(reduction), chunk, *wants,
-                           _use_triton(student_hidden, backend))[0]
+                           _kd._use_triton(student_hidden, backend))[0]
 
 
 def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indices: Tensor,
@@ -418,12 +427,15 @@ def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indic
     if student_logits.dtype not in _kd._DTYPES:
         raise ValueError(f"student_logits must be float32, bfloat16, float16 or float64, got {student_logits.dtype}")
     n, vocabulary = student_logits.shape
-    values, indices = _validate_topk((teacher_values, teacher_indices), n, vocabulary, student_logits.device)
+    values, indices = teacher_values, teacher_indices
+    _validate_topk(values, indices, n, vocabulary, student_logits.device,
+                   ("teacher_values", "teacher_indices", "student_logits"))
     _kd.validate_hyperparameters(temperature, alpha, reduction, backend)
     _kd.validate_target(target, n, vocabulary, student_logits.device, "student_logits", True, ignore_index)
     _validate_chunk_size(chunk_size)
-    _check_topk_values(_bad_topk_rows(indices, vocabulary), indices, target, ignore_index, vocabulary)
+    _check_topk_values(indices, target, ignore_index, vocabulary, "teacher_indices")
     temperature, alpha, ignore_index = float(temperature), float(alpha), int(ignore_index)
+    target = _as_int64(target)
     if backend == "torch":
         dense = _dense_from_topk(values, indices, vocabulary, student_logits.dtype)
         return _kd.kd_loss_reference(student_logits, dense, target, temperature=temperature, alpha=alpha,
@@ -432,12 +444,13 @@ def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indic
     chunk = chunk_size or auto_chunk_size(n, vocabulary, student_logits.dtype, student_logits.device)
     return _sparse_forward(student_logits, values.detach(), indices, target, temperature, alpha, ignore_index,
                            _kd._REDUCTIONS.index(reduction), chunk, write_grad,
-                           _use_triton(student_logits, backend))[0]
+                           _kd._use_triton(student_logits, backend))[0]
 
 
 def _dense_from_topk(values: Tensor, indices: Tensor, vocabulary: int, dtype: torch.dtype) -> Tensor:
+    values, safe = _scatterable(values.detach(), indices, vocabulary, dtype)
     dense = torch.full((values.shape[0], vocabulary), -math.inf, dtype=dtype, device=values.device)
-    return dense.scatter_(1, indices, values.detach().to(dtype))
+    return dense.scatter_(1, safe, values)
 
 
 def _linear_reference(hidden, weight, bias, target, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
@@ -472,5 +485,5 @@ class KDLinearLoss(nn.Module):
                               reduction=self.reduction, chunk_size=self.chunk_size, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}, "
-                f"chunk_size={self.chunk_size}")
+        return (f"temperature={self.temperature}, alpha={self.alpha}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, backend={self.backend!r}")

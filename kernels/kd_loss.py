@@ -62,10 +62,16 @@ def _scalars(temperature: float, alpha: float):
     return 1.0 / temperature, alpha * temperature * temperature, alpha * temperature, 1.0 - alpha
 
 
+def _contiguous_target(target):
+    # The kernels read target[row] at row × 1: a strided view (a column of a larger tensor) would be misread.
+    return target.contiguous() if target is not None else None
+
+
 def launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad=None, stats=None, scale=None):
     """Fill `rows` (N,) with the per-row losses; if given, `stats` (N, 3) with the backward's log-sum-exps and
     `grad` (N, C) contiguous with ∂ℓ/∂s times `scale` (a 0-d float32 device tensor; 1 if None)."""
     n, c = s.shape
+    target = _contiguous_target(target)
     write_grad, store_stats = grad is not None, stats is not None
     if write_grad and scale is None:
         scale = torch.ones((), dtype=torch.float32, device=s.device)
@@ -89,6 +95,7 @@ def launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad=
 def launch_kd_backward(s, t, target, stats, grad_rows, temperature, alpha, ignore_index, grad):
     """Fill `grad` (N, C) contiguous with grad_rows[i] · ∂ℓᵢ/∂sᵢ from the forward's `stats`."""
     n, c = s.shape
+    target = _contiguous_target(target)
     _, _, kl_grad_scale, ce_weight = _scalars(temperature, alpha)
     args = (s, t, target if target is not None else stats, stats, grad_rows, grad,
             c, s.stride(0), s.stride(1), t.stride(0), t.stride(1),

@@ -17,7 +17,7 @@ from fastkd.kernels.kd_loss import KDLinearLoss, kd_loss, kd_loss_linear, kd_los
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel tests run on the GPU in gpu_check.sh
 T, ALPHA, IGNORE = 3.0, 0.3, -100
 U32 = 2.0**-24
-UNIT = {torch.float32: U32, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
+UNIT = {torch.float32: U32, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
 KERNEL_RTOL = 2e-6  # the kernel's float32 per-row loss (1e-6 relative is its target; twice that as the bound)
 BACKENDS = ["auto", "triton"]  # the compiled CPU kernel, and the Triton kernel (interpreted on CPU)
 
@@ -103,10 +103,19 @@ def reference(case, reduction, row_weights):
     # Per row: the loss error, first order in the inputs' errors, plus the kernel's own rounding.
     row_err = ((d_s.abs() * ds.max(1, keepdim=True).values).sum(1) + (d_t.abs() * dt).sum(1)
                + KERNEL_RTOL * (rows.abs() * row_weights.abs()) + 1e-8)
-    # ∂ℓ/∂logits per element: the logits' errors through the softmax, the kernel's float32, the stored rounding.
-    d_t_max = dt.max(1).values
-    g_err = row_weights.abs() * ((ds.max(1).values + ALPHA * d_t_max) / 2 + 8 * U32 * (ALPHA * T + 1))
-    g_err = g_err[:, None] + u * d_s.abs()
+    # ∂ℓ/∂logits per element j: through the softmaxes, a logit error δ moves p_j by at most 2·p_j·max|δ|/T (at
+    # temperature T), so the gradient α·T·(p_s − p_t) + (1−α)·(p_1 − onehot) moves by at most
+    # 2·max|δs|·(α·p_s + (1−α)·p_1) + 2·α·p_t·max|δt|; plus the kernel's float32 and the stored rounding.
+    p_s, p_t = F.softmax(s.detach() / T, 1), F.softmax(t.detach() / T, 1)
+    p_1 = F.softmax(s.detach(), 1)
+    ds_max, dt_max = ds.max(1, keepdim=True).values, dt.max(1, keepdim=True).values
+    through_softmax = 2 * ds_max * (ALPHA * p_s + (1 - ALPHA) * p_1) + 2 * ALPHA * p_t * dt_max
+    onehot = torch.zeros_like(p_1)
+    if case["y"] is not None:
+        keep = case["y"] != IGNORE
+        onehot[keep.nonzero()[:, 0], case["y"][keep]] = 1.0
+    kernel = 8 * U32 * (ALPHA * T * (p_s + p_t) + (1 - ALPHA) * (p_1 + onehot))
+    g_err = row_weights.abs()[:, None] * (through_softmax + kernel) + u * d_s.abs()
     return dict(rows=rows.detach(), objective=objective.detach(), d_h=d_h, d_w=d_w, d_b=d_b, d_s=d_s.detach(),
                 row_err=row_err.detach(), g_err=g_err.detach(), h=h.detach(), w=w.detach())
 
@@ -178,6 +187,62 @@ def test_every_reduction_with_an_incoming_gradient_not_one(backend, reduction):
 def test_bfloat16_inputs(backend, reduction):
     case = make_case(11, 32, 1271, torch.bfloat16, "hidden", True, True)
     check_linear(case, reduction, chunk_size=4, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_inputs(backend):
+    case = make_case(11, 32, 1271, torch.float16, "logits", True, True)
+    check_linear(case, "mean", chunk_size=4, backend=backend)
+
+
+def test_float16_weight_gradient_of_many_rows_does_not_overflow():
+    # Large activations on one hidden unit: the weight gradient's sum over 1,000 rows passes float16's 65504 unless
+    # each chunk is scaled by the mean's 1/N before it is added.
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(1000, 8, generator=g)
+    h[:, 0] = 100
+    h = h.half().requires_grad_()
+    w = (torch.randn(50, 8, generator=g) * 0.1).half().requires_grad_()
+    t = torch.randn(1000, 50, generator=g).half()
+    y = torch.zeros(1000, dtype=torch.long)
+    kd_loss_linear(h, w, y, teacher_logits=t, alpha=0.0, chunk_size=256).backward()
+    h64, w64 = h.detach().double(), w.detach().double().requires_grad_()
+    F.cross_entropy(h64 @ w64.T, y).backward()
+    assert torch.isfinite(w.grad).all()
+    # float16 logits (relative error 2⁻¹¹ of |s| ≤ 100·Σ|w|) move each softmax by at most twice that; the sum's
+    # one rounding per chunk adds 4 of 2⁻¹¹ relative.
+    ds = 2.0**-11 * (h64.abs() @ w64.detach().abs().T).max()
+    bound = 2 * ds * (h64.abs().sum(0) / 1000).max() + 8 * 2.0**-11 * w64.grad.abs()
+    assert ((w.grad.double() - w64.grad).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_strided_target_is_read_as_its_values(backend):
+    case = make_case(7, 8, 40, torch.float32, "logits", True, False)
+    strided = torch.stack([case["y"], torch.zeros_like(case["y"])], 1)[:, 0]  # a column: stride 2
+    assert not strided.is_contiguous()
+    kwargs = dict(teacher_logits=case["teacher_logits"], reduction="none", chunk_size=3, backend=backend)
+    torch.testing.assert_close(kd_loss_linear(case["h"], case["w"], strided, **kwargs),
+                               kd_loss_linear(case["h"], case["w"], case["y"].clone(), **kwargs), rtol=0, atol=0)
+
+
+def test_no_gradient_reaches_given_teacher_logits_or_topk_values():
+    case = make_case(6, 8, 40, torch.float32, "logits", True, False)
+    t = case["teacher_logits"].requires_grad_()
+    values, indices = t.detach().topk(3, dim=1)
+    values.requires_grad_()
+    h = case["h"].requires_grad_()
+    (kd_loss_linear(h, case["w"], case["y"], teacher_logits=t)
+     + kd_loss_linear(h, case["w"], case["y"], teacher_topk=(values, indices))).backward()
+    assert t.grad is None and values.grad is None and h.grad is not None
+
+
+def test_double_backward_is_an_error_not_a_silent_zero():
+    case = make_case(5, 3, 7, torch.float64, "hidden", True, True)
+    h = case["h"].requires_grad_()
+    loss = kd_loss_linear(h, case["w"], case["y"], **teacher_kwargs(case))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, h, create_graph=True)
 
 
 @pytest.mark.parametrize("k", [1, 37])
@@ -283,12 +348,13 @@ def test_compiles_fullgraph_forward_and_backward_and_matches_eager():
         torch.testing.assert_close(traced, eager, rtol=0, atol=0)  # the same kernels on the same chunks
 
 
-def test_bad_topk_indices_poison_the_loss_under_compile():
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_bad_topk_indices_poison_the_loss_under_compile(backend):
     s = torch.randn(3, 10)
     values = torch.randn(3, 2)
     for bad in (torch.tensor([[1, 2], [4, 4], [0, 9]]), torch.tensor([[1, 2], [4, 10], [0, 9]])):
-        rows = torch.compile(lambda s, v, i: kd_loss_sparse(s, v, i, reduction="none"), fullgraph=True)(
-            s, values, bad)
+        rows = torch.compile(lambda s, v, i: kd_loss_sparse(s, v, i, reduction="none", backend=backend),
+                             fullgraph=True)(s, values, bad)
         assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
 
 
@@ -346,7 +412,8 @@ def _bad_calls():
         ("chunk_size", lambda: kd_loss_linear(h, w, teacher_logits=t, chunk_size=0)),
         ("backend", lambda: kd_loss_linear(h, w, teacher_logits=t, backend="cuda")),
         ("student_logits", lambda: kd_loss_sparse(torch.randn(4), v, i)),
-        ("teacher_topk indices", lambda: kd_loss_sparse(t, v, i.float())),
+        ("teacher_indices", lambda: kd_loss_sparse(t, v, i.float())),
+        ("teacher_values", lambda: kd_loss_sparse(t, v[:3], i[:3])),
         ("row 1 hold class 3 twice", lambda: kd_loss_sparse(t, v, torch.tensor([[0, 1], [3, 3], [4, 5], [0, 5]]))),
         ("row 0 hold class -1 outside", lambda: kd_loss_sparse(t, v, torch.tensor([[-1, 1], [2, 3], [4, 5], [0, 5]]))),
         ("temperature", lambda: KDLinearLoss(temperature=-1.0)),
