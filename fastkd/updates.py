@@ -6,7 +6,6 @@ quirk, which is reproduced as written there. With a feature loss on, the two-net
 student's pooled penultimate feature with the teacher's, both read by `FeatureTap`s from the forwards that give
 the logits.
 """
-import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastkd.kernels._compiled import own_code
 from fastkd.kernels.kd_loss import kd_loss
 
 from .distributed import SINGLE_PROCESS, DataParallel
@@ -186,13 +186,6 @@ UPDATES = {"ce": ce_step, "distill_live": distill_step, "distill": replay_step, 
 SOFT_TARGET_KINDS = ("distill_live", "distill", "self_distill")  # the kinds that take the LossSettings
 
 
-def _own_code(fn):
-    """fn with a code object of its own. Dynamo keeps its compiled graphs on the code object, guarded on the
-    optimizer's identity: with one shared code object, every run in a process (a new optimizer) would count as a
-    recompile, and the ninth compiled run would fail on Dynamo's limit of 8. (The inductor cache still serves them.)"""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-
-
 class Updates:
     """The update of every step kind, each compiled whole (forward, loss, backward, SGD) when `compile` is set.
 
@@ -211,7 +204,9 @@ class Updates:
             if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
                 raise ValueError(f"--compile needs torch >= 2.11 to trace loss.backward() into the step graph; "
                                  f"this is torch {torch.__version__}")
-            self.steps = {kind: torch.compile(_own_code(fn), fullgraph=True,
+            # Each run's copy: Dynamo guards a step on the optimizer's identity, so with one shared code object
+            # every run in a process would be a recompile and the ninth would meet Dynamo's limit.
+            self.steps = {kind: torch.compile(own_code(fn), fullgraph=True,
                                               options={"triton.cudagraphs": self.cuda_graphs})
                           for kind, fn in UPDATES.items()}
         else:

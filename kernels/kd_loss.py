@@ -25,6 +25,7 @@ import triton
 from torch import Tensor, nn
 
 from . import _kd_loss_triton as _tk
+from ._compiled import own_code
 
 __all__ = ["kd_loss", "KDLoss", "kd_loss_reference", "kd_loss_linear", "kd_loss_sparse", "KDLinearLoss"]  # noqa: F822
 
@@ -189,7 +190,10 @@ def _analytic_forward(s, t, target, params, ignore_index, is_mean, write_grad: b
     return rows, reduced, grad
 
 
-_compiled_analytic = None
+# The compiled CPU kernel, one copy per (C, dtype, target or not, gradient or not): each variant compiles once in
+# its own cache, so that a process using many class counts (a test suite, a sweep) never meets Dynamo's limit of 8
+# graphs per function, past which it would run the kernel uncompiled (slower, and not bit-identical to compiled).
+_compiled_analytic = {}
 
 
 @functools.lru_cache(maxsize=64)
@@ -204,9 +208,10 @@ def _cpu_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction
     # faster than compiling the autograd reference. The batch dimension is marked dynamic so that a changing N
     # (an evaluation tail batch) does not recompile; C stays static (one compile for each class count), which
     # vectorises markedly better than a symbolic C.
-    global _compiled_analytic
-    if _compiled_analytic is None:
-        _compiled_analytic = torch.compile(_analytic_forward, dynamic=False)
+    write_grad = mode in (GRAD, FUSED)
+    variant = (s.shape[1], s.dtype, target is not None, write_grad)
+    if variant not in _compiled_analytic:
+        _compiled_analytic[variant] = torch.compile(own_code(_analytic_forward), dynamic=False)
     params, ignore, is_mean = _cpu_constants(temperature, alpha, ignore_index, reduction, _result_dtype(s))
     # Mark fresh aliases, not the caller's tensors: a marking left on them would make an enclosing compiled graph
     # see a changed input and recompile.
@@ -218,7 +223,7 @@ def _cpu_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction
     # kernel) or included (inside an enclosing compiled graph); the compiled kernel's guards see the difference and
     # would compile it twice. It needs no view tracking, so it always runs below that key.
     with torch._C._AutoDispatchBelowADInplaceOrView():
-        rows, reduced, grad = _compiled_analytic(s, t, target, params, ignore, is_mean, mode in (GRAD, FUSED))
+        rows, reduced, grad = _compiled_analytic[variant](s, t, target, params, ignore, is_mean, write_grad)
     return rows if reduction == NONE else reduced, s.new_empty(0, dtype=torch.float32), grad
 
 

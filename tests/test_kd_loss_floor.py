@@ -149,6 +149,28 @@ def test_fifty_temperatures_alphas_ignore_indices_and_reductions_compile_the_cpu
             assert torch.isfinite(loss).all()
 
 
+def test_many_class_counts_and_dtypes_each_compile_once_and_never_run_uncompiled():
+    # A process using more than 8 variants (a sweep, a test suite) must not meet Dynamo's limit of 8 graphs per
+    # function, past which the kernel would run uncompiled: each variant compiles in a cache of its own.
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from fastkd.kernels import kd_loss as kd
+
+    torch._dynamo.reset()
+    kd._compiled_analytic.clear()
+    torch.manual_seed(0)
+    for i, c in enumerate(range(3, 60, 4)):  # 15 class counts
+        dtype = (torch.float32, torch.bfloat16)[i % 2]
+        for n in (5, 9):  # and two batch sizes each
+            s = torch.randn(n, c).to(dtype).requires_grad_()
+            kd_loss(s, torch.randn(n, c).to(dtype), torch.randint(0, c, (n,))).backward()
+            assert torch.isfinite(s.grad.float()).all()
+    # One graph in each variant's cache (an uncompiled call would have left none, a recompile two).
+    graphs = [len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__))
+              for fn in kd._compiled_analytic.values()]
+    assert graphs == [1] * 15
+
+
 def float64_rows(s, t, y, temperature, alpha):
     s64, t64 = s.double(), t.double()
     log_p_s, log_p_t = F.log_softmax(s64 / temperature, 1), F.log_softmax(t64 / temperature, 1)
