@@ -13,7 +13,8 @@ from .schedule import DEFAULT_INTERVAL, METHODS, SELF_METHODS, TEACHER_METHODS
 # The lr schedule is ours: lr 0.05 with per-step cosine decay to 0 over each optimizer's own number of steps.
 # 15 epochs of the thin ResNet-20 keep the default digits run well under a minute on 2 CPU cores (98% top-1);
 # image datasets default to the paper's ResNet-18.
-DEFAULT_MODELS = {"digits": "resnet20", "mnist5k": "resnet20", "synthetic": "tiny", "cifar100": "resnet18", "tiny-imagenet": "resnet18"}
+DEFAULT_MODELS = {"digits": "resnet20", "mnist5k": "resnet20", "synthetic": "tiny", "cifar100": "resnet18",
+                  "tiny-imagenet": "resnet18"}
 
 
 @dataclass

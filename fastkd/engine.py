@@ -50,20 +50,22 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
         print("fastkd: --compile: each step compiled whole with inductor; "
               + ("captured in CUDA graphs." if updates.cuda_graphs else "CUDA graphs skipped (not on a CUDA device)."))
 
-    losses = {name: RunningMean(device) for name in {step.role for step in plan}}
-    accuracy, images, first = {}, 0, 0
-    if resume:
-        first, images, accuracy = _restore(resume, roles, losses)
-    elif cfg.teacher_frozen():  # evaluated once: it never changes
-        accuracy["teacher"] = evaluate(roles["teacher"].model, batches, cfg.eval_batch_size, parallel, test_forward)
-    # The lr schedule, the loss totals and the non-finite guard advance inside each step's graph.
-    guard = NonFiniteGuard(device, steps_done=first)
-    books = {name: StepBooks(roles[name].schedule, losses[name], guard) for name in losses}
-    progress = Progress(len(plan)) if not quiet and parallel.is_main else None
-    window = Throughput()
-    start, live = time.perf_counter(), None
     networks = {name: role.model for name, role in _networks(roles).items()}
+    # The feature taps stay on until the last evaluation: a compiled evaluation guards on the hooks.
     with StopSignals() as stop, feature_taps(networks, on=cfg.feature_loss != "none") as taps:
+        losses = {name: RunningMean(device) for name in {step.role for step in plan}}
+        accuracy, images, first = {}, 0, 0
+        if resume:
+            first, images, accuracy = _restore(resume, roles, losses)
+        elif cfg.teacher_frozen():  # evaluated once: it never changes
+            accuracy["teacher"] = evaluate(roles["teacher"].model, batches, cfg.eval_batch_size, parallel,
+                                           test_forward)
+        # The lr schedule, the loss totals and the non-finite guard advance inside each step's graph.
+        guard = NonFiniteGuard(device, steps_done=first)
+        books = {name: StepBooks(roles[name].schedule, losses[name], guard) for name in losses}
+        progress = Progress(len(plan)) if not quiet and parallel.is_main else None
+        window = Throughput()
+        start, live = time.perf_counter(), None
         for done, (step, batch) in enumerate(batches_along(plan, first, batches, check_replay), first + 1):
             role = roles[step.role]
             live = run_step(step, role, roles, updates, batch, live, cfg, books[step.role], taps)
@@ -96,11 +98,11 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
                 _save_checkpoint(cfg, done, roles, losses, accuracy, images, run_dir, trace, parallel)
                 if stop_signum:
                     raise Interrupted(stop_signum, done, run_dir.path)
-    if progress:
-        progress.close()
-    wall = time.perf_counter() - start
-    trace.close()
-    return _finish(cfg, roles, batches, run_dir, parallel, wall, images, len(plan), test_forward, accuracy)
+        if progress:
+            progress.close()
+        wall = time.perf_counter() - start
+        trace.close()
+        return _finish(cfg, roles, batches, run_dir, parallel, wall, images, len(plan), test_forward, accuracy)
 
 
 # ---- the networks that train ------------------------------------------------------------------------------------
