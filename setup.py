@@ -8,6 +8,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastkd", "fastkd.analysis", "fastkd.data", "fastkd.models", "fastkd.kernels"],
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
+    package_data={"fastkd.kernels": ["kd_loss_cpu.cpp"]},  # the CPU kernel's source, built on first use
     # Lower bounds only: a GPU machine that already has torch >= 2.11 and triton >= 3.6 keeps them.
     install_requires=[
         "torch>=2.11",

@@ -44,21 +44,21 @@ def auto_chunk_size(n: int, vocabulary: int, dtype: torch.dtype, device: torch.d
 # --------------------------------------------------------------------------------------------------------------------
 
 def _rows_and_grad(s, t, y, hyper, write_grad: bool, use_triton: bool, grad_out: Optional[Tensor]):
-    """One chunk through the fused kernel: its loss rows and, if asked, ∂(Σ rows)/∂s (into grad_out on Triton)."""
+    """One chunk through the fused kernel: its loss rows and, if asked, ∂(Σ rows)/∂s into grad_out."""
     temperature, alpha, ignore_index = hyper
     if use_triton:
         rows = torch.empty(s.shape[0], dtype=_kd._result_dtype(s), device=s.device)
         _kd.launch_kd_kernel(s, t, y, temperature, alpha, ignore_index, rows, grad_out if write_grad else None)
         return rows, grad_out
     rows, _, grad = _kd._cpu_forward(s, t, y, temperature, alpha, ignore_index,
-                                     _kd.GRAD if write_grad else _kd.LOSS_ONLY, _kd.NONE)
+                                     _kd.GRAD if write_grad else _kd.LOSS_ONLY, _kd.NONE, grad_out)
     return rows, grad
 
 
 def _in_chunks(n: int, chunk: int, student: Callable, teacher: Callable, target: Optional[Tensor], hyper,
                write_grad: bool, use_triton: bool, grad_buffer: Callable, consume: Callable) -> Tensor:
     """The (N,) loss rows. For each chunk [r0, r1): student(r0, r1) and teacher(r0, r1) give its logits,
-    grad_buffer(r0, r1) a contiguous (rows, V) tensor for the Triton kernel's gradient, and consume(r0, r1, grad)
+    grad_buffer(r0, r1) a contiguous (rows, V) tensor for the kernel's gradient, and consume(r0, r1, grad)
     takes the gradient of the chunk's rows before the next chunk reuses the buffers."""
     rows = None
     for r0 in range(0, n, chunk):
@@ -66,7 +66,7 @@ def _in_chunks(n: int, chunk: int, student: Callable, teacher: Callable, target:
         s, t = student(r0, r1), teacher(r0, r1)
         y = target[r0:r1] if target is not None else None
         chunk_rows, grad = _rows_and_grad(s, t, y, hyper, write_grad, use_triton,
-                                          grad_buffer(r0, r1) if write_grad and use_triton else None)
+                                          grad_buffer(r0, r1) if write_grad else None)
         if rows is None:
             rows = chunk_rows.new_empty(n)
         rows[r0:r1] = chunk_rows
@@ -164,7 +164,7 @@ def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     d_hidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)  # (outputs must not alias)
     d_weight = torch.zeros_like(weight) if grad_weight else hidden.new_empty(0)
     d_bias = torch.zeros_like(bias) if grad_bias else hidden.new_empty(0)
-    grad_buffer = torch.empty_like(logits) if (grad_hidden or grad_weight or grad_bias) and use_triton else None
+    grad_buffer = torch.empty_like(logits) if grad_hidden or grad_weight or grad_bias else None
 
     # Each row's weight in the objective: the reduction's (1 or 1/count), or the backward's per-row gradients. It
     # is applied to each chunk's small factors before anything is summed over rows, so that a float16 ∂weight
@@ -257,12 +257,8 @@ def _sparse_forward(s: Tensor, topk_values: Tensor, topk_indices: Tensor, target
     teacher = _topk_teacher(topk_values, topk_indices, vocabulary, s.dtype, teacher_buffer)
     grad = torch.empty((n, vocabulary) if write_grad else (0,), dtype=s.dtype, device=s.device)
 
-    def consume(r0, r1, chunk_grad):
-        if chunk_grad.data_ptr() != grad[r0:r1].data_ptr():  # the CPU kernel returns its own tensor
-            grad[r0:r1] = chunk_grad
-
-    rows = _in_chunks(n, rows_per_chunk, lambda r0, r1: s[r0:r1], teacher, target,
-                      (temperature, alpha, ignore_index), write_grad, use_triton, lambda r0, r1: grad[r0:r1], consume)
+    rows = _in_chunks(n, rows_per_chunk, lambda r0, r1: s[r0:r1], teacher, target, (temperature, alpha, ignore_index),
+                      write_grad, use_triton, lambda r0, r1: grad[r0:r1], lambda r0, r1, chunk_grad: None)
     loss = rows if reduction == _kd.NONE else _kd._reduce(rows, target, ignore_index, _kd._REDUCTIONS[reduction])
     return loss, grad
 
@@ -357,7 +353,7 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
     The teacher is exactly one of: `teacher_logits` (N, V); `teacher_hidden` (N, Ht) with `teacher_weight` (V, Ht)
     and optionally `teacher_bias` (V,); `teacher_topk` = (values (N, k), indices (N, k) int64), the distribution
     softmax(values / T) on those k classes and 0 elsewhere. Gradients reach student_hidden, student_weight and
-    student_bias only. backend: "auto" (Triton on CUDA, the compiled CPU kernel on CPU), "triton", or "torch" (the
+    student_bias only. backend: "auto" (Triton on CUDA, the native CPU kernel on CPU), "triton", or "torch" (the
     materialised plain-torch reference, for comparison). No host sync under torch.compile; eager calls check target
     and top-k index values (a host read), as `kd_loss` does.
     """

@@ -11,11 +11,11 @@ How the gradient is made (no path has a host sync; all are traceable by torch.co
   (N, C) buffer between forward and backward.
 * `fused_backward=True` (fastkd's own training steps): the forward writes ∂s already scaled by the reduction and the
   backward hands it to autograd as it is: 3·N·C elements for C ≤ 8192, the floor (read s, t, write ∂s).
-* CPU (inductor-compiled closed forms): compute-bound rather than bandwidth-bound, so the forward writes ∂s of the
-  reduced loss while the exponentials are at hand (the reduction is taken in the same kernel), and the backward
-  multiplies it by the incoming gradient, or returns it as it is when that is 1 (eager) or promised to be (fused).
+* CPU (a native kernel, kd_loss_cpu.cpp): compute-bound rather than bandwidth-bound, so the forward writes ∂s of the
+  reduced loss from the three exponentials per element it keeps (the reduction is taken in the same kernel), and the
+  backward multiplies it by the incoming gradient, or returns it as it is when that is 1 (eager) or promised to be
+  (fused). It never compiles per temperature, α, reduction, class count or dtype.
 """
-import functools
 import math
 from typing import Optional
 
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor, nn
 
+from . import _kd_loss_cpu as _cpu
 from . import _kd_loss_triton as _tk
-from ._compiled import own_code
 
 __all__ = ["kd_loss", "KDLoss", "kd_loss_reference", "kd_loss_linear", "kd_loss_sparse", "KDLinearLoss"]  # noqa: F822
 
@@ -123,107 +123,26 @@ def _triton_forward(s, t, target, temperature, alpha, ignore_index, mode, reduct
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The CPU implementation: closed forms compiled by inductor.
+# The CPU implementation: kd_loss_cpu.cpp, a native kernel built once per machine (_kd_loss_cpu).
 # --------------------------------------------------------------------------------------------------------------------
 
-def _finite_max(x: Tensor) -> Tensor:
-    """Row maxima, with 0 for a row that is all -inf (so that exp(x - max) is 0 there, not NaN)."""
-    m = x.amax(1, keepdim=True)
-    return torch.where(m == -math.inf, 0.0, m)
-
-
-def _row_sum(x: Tensor) -> Tensor:
-    """(N, 1) float64 row sums of x. Inductor fuses the widening into the reduction loop, which then runs about as
-    fast as a float32 sum (a blockwise float32-then-float64 sum was slower: its padding made inductor store a
-    logit-sized buffer of exponentials)."""
-    return x.to(torch.float64).sum(1, keepdim=True)
-
-
-def _analytic_forward(s, t, target, params, ignore_index, is_mean, write_grad: bool):
-    """Loss rows, their sum or mean, and (write_grad) the student gradient of that reduced loss (of the rows
-    themselves for reduction "none", which passes is_mean = 0), from closed forms, no autograd.
-
-    `params` holds 1/T, α·T², α·T and 1 − α, and `ignore_index` and `is_mean` are 0-d tensors: the compiled kernel
-    sees them as inputs, so a new temperature, α, ignore_index or reduction never recompiles it. The KL's row sums are
-    accumulated in float64 (_row_sum): the KL, formed as Σ p_t·(t − s)/T − (m_t − m_s) − log(d_t / d_s),
-    then loses nothing to the cancellation of two log-sum-exps near log C (the Triton kernel uses a shifted form
-    instead: _kd_loss_triton._kl).
-    """
-    compute, acc = params.dtype, torch.float64
-    inv_t, kl_loss_scale, kl_grad_scale, ce_weight = params.unbind()
-    s32, t32 = s.to(compute), t.to(compute)
-    st, tt = s32 * inv_t, t32 * inv_t
-    m_s, m_t = _finite_max(st), _finite_max(tt)
-    e_s, e_t = torch.exp(st - m_s), torch.exp(tt - m_t)
-    d_s, d_t = _row_sum(e_s), _row_sum(e_t)
-    # 0·log 0 = 0 on masked classes; a NaN anywhere reaches the loss.
-    a = _row_sum(torch.where(e_t > 0, e_t * ((t32 - s32) * inv_t), 0.0))
-    kl = a / d_t - (m_t - m_s).to(acc) - torch.log(d_t / d_s)
-    rows = (kl_loss_scale.to(acc) * kl).squeeze(1)
-    if write_grad:  # recomputed from the log-sum-exps: inductor then fuses it instead of keeping e_s and e_t
-        lse_s, lse_t = m_s + torch.log(d_s).to(compute), m_t + torch.log(d_t).to(compute)
-        grad = kl_grad_scale * (torch.exp(st - lse_s) - torch.exp(tt - lse_t))
-    if target is not None:
-        n, c = s.shape
-        keep = target != ignore_index
-        in_range = (target >= 0) & (target < c)
-        safe_y = torch.where(keep & in_range, target, 0)
-        m_1 = _finite_max(s32)
-        e_1 = torch.exp(s32 - m_1)
-        d_1 = e_1.sum(1, keepdim=True)
-        ce = ((m_1 + torch.log(d_1)).squeeze(1) - s32.gather(1, safe_y[:, None]).squeeze(1)).to(acc)
-        # Out-of-range targets cannot be checked without a host sync here: they poison the row with NaN instead.
-        poison = keep & ~in_range
-        rows = torch.where(poison, math.nan, rows + ce_weight.to(acc) * ce)
-        rows = torch.where(keep, rows, 0.0)
-        if write_grad:
-            onehot = torch.arange(c, device=s.device)[None, :] == safe_y[:, None]
-            grad = grad + ce_weight * (torch.exp(s32 - (m_1 + torch.log(d_1))) - onehot.to(compute))
-            grad = torch.where(poison[:, None], math.nan, grad)
-            grad = torch.where(keep[:, None], grad, 0.0)
-    rows = rows.to(_result_dtype(s))
-    # The reduction here too: in the kernel it costs nothing, as separate ops it cost more than the loss at small N.
-    counted = torch.ones_like(rows) if target is None else (target != ignore_index).to(rows.dtype)
-    scale = torch.where(is_mean > 0, 1.0 / counted.sum().clamp(min=1), 1.0)
-    reduced = rows.sum() * scale
-    grad = (grad * scale).to(s.dtype) if write_grad else s.new_empty(0)
-    return rows, reduced, grad
-
-
-# The compiled CPU kernel, one copy per (C, dtype, target or not, gradient or not): each variant compiles once in
-# its own cache, so that a process using many class counts (a test suite, a sweep) never meets Dynamo's limit of 8
-# graphs per function, past which it would run the kernel uncompiled (slower, and not bit-identical to compiled).
-_compiled_analytic = {}
-
-
-@functools.lru_cache(maxsize=64)
-def _cpu_constants(temperature: float, alpha: float, ignore_index: int, reduction: int, dtype: torch.dtype):
-    """The compiled CPU kernel's scalar inputs as 0-d tensors (never written to, so they can be shared)."""
-    return (torch.tensor(_scalars(temperature, alpha), dtype=dtype), torch.tensor(ignore_index),
-            torch.tensor(float(reduction == MEAN), dtype=dtype))
-
-
-def _cpu_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction):
-    # Inductor fuses the closed forms into a few vectorised C++ loops: faster on CPU than eager ATen ops, and
-    # faster than compiling the autograd reference. The batch dimension is marked dynamic so that a changing N
-    # (an evaluation tail batch) does not recompile; C stays static (one compile for each class count), which
-    # vectorises markedly better than a symbolic C.
+def _cpu_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction, grad_out=None):
+    """The op's outputs (as _triton_forward's); the gradient is written into grad_out ((N, C) contiguous) if given."""
+    # The kernel reads each row at stride 1 (any row stride) and target as contiguous int64.
+    s = s if s.stride(1) == 1 or s.shape[1] == 1 else s.contiguous()
+    t = t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
+    if target is not None and (target.dtype != torch.int64 or not target.is_contiguous()):
+        target = target.to(torch.int64).contiguous()
+    n, c = s.shape
+    rows = torch.empty(n, dtype=_result_dtype(s))
+    reduced = torch.empty((), dtype=rows.dtype)
     write_grad = mode in (GRAD, FUSED)
-    variant = (s.shape[1], s.dtype, target is not None, write_grad)
-    if variant not in _compiled_analytic:
-        _compiled_analytic[variant] = torch.compile(own_code(_analytic_forward), dynamic=False)
-    params, ignore, is_mean = _cpu_constants(temperature, alpha, ignore_index, reduction, _result_dtype(s))
-    # Mark fresh aliases, not the caller's tensors: a marking left on them would make an enclosing compiled graph
-    # see a changed input and recompile.
-    s, t = s.detach(), t.detach()
-    target = target.detach() if target is not None else None
-    for x in (s, t) if target is None else (s, t, target):
-        torch._dynamo.maybe_mark_dynamic(x, 0)
-    # The op's implementation is reached with ADInplaceOrView excluded from the dispatch keys (below its autograd
-    # kernel) or included (inside an enclosing compiled graph); the compiled kernel's guards see the difference and
-    # would compile it twice. It needs no view tracking, so it always runs below that key.
-    with torch._C._AutoDispatchBelowADInplaceOrView():
-        rows, reduced, grad = _compiled_analytic[variant](s, t, target, params, ignore, is_mean, write_grad)
+    if not write_grad:
+        grad = s.new_empty(0)
+    else:
+        grad = torch.empty((n, c), dtype=s.dtype) if grad_out is None else grad_out
+    _cpu.run(s, t, target, *_scalars(temperature, alpha), ignore_index, reduction, rows, reduced,
+             grad if write_grad else None)
     return rows if reduction == NONE else reduced, s.new_empty(0, dtype=torch.float32), grad
 
 
@@ -455,7 +374,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     """α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y) per row, reduced; float32 result.
 
     The gradient flows to `student_logits` only (in its dtype). Rows whose target is `ignore_index` contribute
-    nothing and are not counted by "mean". backend: "auto" (Triton on CUDA, compiled CPU kernel on CPU),
+    nothing and are not counted by "mean". backend: "auto" (Triton on CUDA, native CPU kernel on CPU),
     "triton" (the kernel everywhere; CPU tensors need TRITON_INTERPRET=1) or "torch" (plain autograd reference).
     check_target=False skips the eager range check of target values (a host sync on CUDA) for callers whose labels
     are already known to be valid; an out-of-range target then yields a NaN loss, as under torch.compile.

@@ -53,7 +53,7 @@ def check(s, t, y, reduction="sum", backend="triton", grad_weights=None, **kw):
     s_in = s.clone().requires_grad_()
     out = kd_loss(s_in, t, y, temperature=kw.get("temperature", T), alpha=kw.get("alpha", ALPHA),
                   ignore_index=IGNORE, reduction=reduction, backend=backend)
-    assert out.dtype == torch.float32
+    assert out.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
     ref_rows, s64 = reference(s, t, y, kw.get("temperature", T), kw.get("alpha", ALPHA))
     if reduction == "none":
         w = grad_weights if grad_weights is not None else torch.ones_like(ref_rows)
@@ -94,8 +94,8 @@ def test_streaming_multi_block_path_matches_reference(stream_path, dtype, with_t
     check(logits(n, c, dtype), logits(n, c, dtype), targets(n, c) if with_target else None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1), (6, 37), (64, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (6, 37), (64, 1000), (3, 9001)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_cpu_implementation_matches_float64_reference(shape, dtype):
     n, c = shape
     check(logits(n, c, dtype, device="cpu"), logits(n, c, dtype, device="cpu"), targets(n, c, device="cpu"),

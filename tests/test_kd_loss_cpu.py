@@ -1,0 +1,106 @@
+"""The native CPU kernel (kernels/kd_loss_cpu.cpp): every output written, the same bits on any thread count, the
+caller's gradient buffer, and its build: once per machine into the cache, with one clear error when it cannot."""
+import math
+
+import pytest
+import torch
+
+from fastkd.kernels import _kd_loss_cpu
+from fastkd.kernels import kd_loss as kd
+from fastkd.kernels.kd_loss import kd_loss, kd_loss_reference
+
+T, ALPHA, IGNORE = 3.0, 0.3, -100
+
+
+def _inputs(n, c, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n, c, generator=g, dtype=torch.float64) * 4).to(dtype)
+    t = (torch.randn(n, c, generator=g, dtype=torch.float64) * 4).to(dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[1] = IGNORE
+    return s, t, y
+
+
+def _gradient_bound(s, t, u=2.0**-24):
+    """Float32 error bound per gradient element: each softmax term p = e^(x − m) ≤ 1 carries the rounding of its
+    argument (≤ u·(|x| + |m|) ≤ 2u·max|x|) plus about 3u from exp, the normaliser and the product; the KL terms are
+    weighted α·T (arguments at 1/T), the cross-entropy term 1 − α (arguments at 1); 2u more for the final sums."""
+    a_s, a_t = s.abs().max().item(), t.abs().max().item()
+    return u * (ALPHA * T * (2 * a_s / T + 2 * a_t / T + 8) + (1 - ALPHA) * (2 * a_s + 6))
+
+
+@pytest.mark.parametrize("with_target", [False, True], ids=["kl_only", "kl_ce"])
+@pytest.mark.parametrize("shape", [(5, 150), (64, 1000), (3, 9001)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_every_output_element_is_written_into_the_callers_poisoned_buffer(shape, with_target):
+    n, c = shape  # 64 × 1000 runs on every thread, the others on one
+    s, t, y = _inputs(n, c, torch.float32, seed=c)
+    y = y if with_target else None
+    grad_out = torch.full((n, c), math.nan)
+    rows, _, grad = kd._cpu_forward(s, t, y, T, ALPHA, IGNORE, kd.GRAD, kd.NONE, grad_out)
+    assert grad.data_ptr() == grad_out.data_ptr()
+    s64 = s.double().requires_grad_()
+    exact = kd_loss_reference(s64, t.double(), y, temperature=T, alpha=ALPHA, reduction="none")
+    exact.sum().backward()
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(rows.double(), exact, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(grad.double(), s64.grad, rtol=0, atol=_gradient_bound(s, t))
+    if with_target:
+        assert torch.all(grad[1] == 0) and rows[1] == 0  # the ignored row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_same_bits_on_one_thread_and_on_two(dtype):
+    s, t, y = _inputs(96, 1500, dtype, seed=7)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            student = s.clone().requires_grad_()
+            loss = kd_loss(student, t, y, temperature=T, alpha=ALPHA)
+            loss.backward()
+            results.append((loss.detach(), student.grad))
+    finally:
+        torch.set_num_threads(threads)
+    (loss_1, grad_1), (loss_2, grad_2) = results
+    assert torch.equal(loss_1, loss_2) and torch.equal(grad_1, grad_2)
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """The loader with its own cache folder; the process's kernel is loaded again afterwards."""
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
+    _kd_loss_cpu.kernel.cache_clear()
+    yield tmp_path / "cache"
+    _kd_loss_cpu.kernel.cache_clear()
+
+
+def test_the_kernel_is_built_once_into_the_cache_and_loaded_from_it(fresh_kernel, monkeypatch):
+    _kd_loss_cpu.kernel()
+    (library,) = fresh_kernel.glob("kd_loss_cpu-*.so")
+    built = library.stat().st_mtime_ns
+    _kd_loss_cpu.kernel.cache_clear()
+
+    def no_build(*args):
+        raise AssertionError("built again although the cache holds the library")
+
+    monkeypatch.setattr(_kd_loss_cpu, "_build", no_build)
+    _kd_loss_cpu.kernel()
+    assert library.stat().st_mtime_ns == built and list(fresh_kernel.iterdir()) == [library]
+
+
+def test_no_compiler_is_one_clear_error(fresh_kernel, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler: neither 'no-such-compiler' nor 'c\\+\\+'"):
+        kd_loss(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_a_failed_build_names_the_command_and_shows_the_compiler_output(fresh_kernel, monkeypatch, tmp_path):
+    broken = tmp_path / "kd_loss_cpu.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(_kd_loss_cpu, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match="building the CPU kd_loss kernel failed") as error:
+        _kd_loss_cpu.kernel()
+    assert str(broken) in str(error.value) and "error" in str(error.value)
+    assert not list(fresh_kernel.glob("*.so"))  # nothing half-built is left to load
