@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastkd.kernels._compiled import own_code
 from fastkd.kernels.kd_loss import kd_loss
 
+from .compiled_copy import own_code
 from .distributed import SINGLE_PROCESS, DataParallel
 from .models.features import FeatureTap
 from .optim import sgd_update

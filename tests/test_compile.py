@@ -28,8 +28,8 @@ def run(method: str, out: Path) -> None:
 @pytest.mark.parametrize("method", list(KINDS))
 def test_each_step_kind_compiles_once_over_a_multi_epoch_run(tmp_path, method, monkeypatch):
     """8 batches per epoch, 2 epochs, evaluations in between, cosine lr changing every step: every call of a step
-    kind after its first runs under the "fail_on_recompile" stance, so any recompile (of a step graph, or of
-    kd_loss's compiled CPU kernel inside it) is an error naming its guard. Batch 32 as in test_resume's compiled run,
+    kind after its first runs under the "fail_on_recompile" stance, so any recompile of a step graph is an error
+    naming its guard. Batch 32 as in test_resume's compiled run,
     whose processes then find these graphs in the inductor cache."""
     torch._dynamo.reset()
     real_call, calls = Updates.__call__, {}
