@@ -360,6 +360,9 @@ def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) ->
 
 
 def _use_triton(s: Tensor, backend: str) -> bool:
+    if s.device.type not in ("cpu", "cuda"):  # the kernels read raw CPU or CUDA memory
+        raise ValueError(f"backend={backend!r} takes CUDA or CPU tensors, got {s.device.type} tensors; "
+                         "backend='torch' runs on any device")
     if backend == "auto":
         return s.is_cuda
     if not s.is_cuda and not _tk.INTERPRETED:

@@ -274,6 +274,7 @@ def _bad_calls():
         ("teacher_logits dtype", lambda: kd_loss(s, t.double())),
         ("student_logits must be float32", lambda: kd_loss(s.long(), t.long())),
         ("backend", lambda: kd_loss(s, t, backend="cuda")),
+        ("takes CUDA or CPU tensors, got meta", lambda: kd_loss(s.to("meta"), t.to("meta"))),
         ("temperature", lambda: KDLoss(temperature=0)),
     ]
 
