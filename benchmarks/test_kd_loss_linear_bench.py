@@ -97,7 +97,7 @@ def _rss_kib() -> int:
 def measure_cpu_peak(provider: str, n: int, hidden: int, vocabulary: int) -> int:
     """This process: one warm call, then the peak resident bytes of a second one beyond what was resident before."""
     step = make_step(provider, make_inputs(n, hidden, vocabulary))
-    step()  # compiles the CPU kernel; its memory is freed again
+    step()  # loads the CPU kernel and warms the allocator; its memory is freed again
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak resident set size (VmHWM) to the current one
     before = _rss_kib()

@@ -19,7 +19,7 @@ T, ALPHA, IGNORE = 3.0, 0.3, -100
 U32 = 2.0**-24
 UNIT = {torch.float32: U32, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
 KERNEL_RTOL = 2e-6  # the kernel's float32 per-row loss (1e-6 relative is its target; twice that as the bound)
-BACKENDS = ["auto", "triton"]  # the compiled CPU kernel, and the Triton kernel (interpreted on CPU)
+BACKENDS = ["auto", "triton"]  # the native CPU kernel, and the Triton kernel (interpreted on CPU)
 
 
 def gamma(k: int, u: float = U32) -> float:
