@@ -106,9 +106,9 @@ def test_peak_resident_memory_of_a_file_loader_run_does_not_grow_from_s_0_3_to_s
     # (90 MiB). The torch loader's peak moves by a few batches run to run (seen: -4, -16, +0.7), and by more when
     # other processes share the cores (+9: its workers' batches in flight then vary). DALI's moves by up to about 17
     # batches either way from run to run (seen: -9 and +17 at smaller sizes): its pipelines keep memory pools, and
-    # how many pipelines are alive at the peak varies with the replay pattern, not with s. So the bound is a quarter
-    # of what the buffer would add, for both.
-    bound = 16
+    # how many pipelines are alive at the peak varies with the replay pattern, not with s. With two test runs sharing
+    # the two cores both moved by +16 to +17. So the bound is half of what the buffer would add, for both.
+    bound = 30
     print(f"peak RSS, --loader {loader}: s=0.3 {short / 1024:.1f} MiB, s=4 {long / 1024:.1f} MiB, "
           f"difference {(long - short) / ONE_BATCH_KIB:+.1f} batches")
     assert long - short < bound * ONE_BATCH_KIB, (loader, short, long)
