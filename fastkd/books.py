@@ -1,10 +1,12 @@
 """What the engine records at every step, held on the device and updated inside the step's own graph.
 
 A training step is then one graph (one CUDA-graph replay) and nothing else: the lr for the step is computed there
-from the role's step counter, and the loss total and the first non-finite step are updated there. No small launches
-around it, no host sync; the engine reads these tensors once per epoch record or checkpoint.
+from the role's step counter, and the loss total, the first non-finite step and the first out-of-range label are
+updated there. No small launches around it, no host sync; the engine reads these tensors once per epoch record or
+checkpoint.
 """
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -69,6 +71,44 @@ class NonFiniteGuard:
             raise ValueError(f"{problem}{where}; stopped, the last good checkpoint is kept")
 
 
+class LabelGuard:
+    """Remembers on the device the first step (numbered as NonFiniteGuard's) whose batch held a label outside
+    [0, classes), and that label; the step trains on a safe label in its place, so the loss neither raises nor
+    trips a device-side assert, and the engine stops the run at its next check. No host sync per step."""
+
+    def __init__(self, guard: NonFiniteGuard):
+        self.done = guard.done  # steps finished; the step being taken is done + 1
+        device = guard.done.device
+        self.first_bad = _static(torch.full((), -1, dtype=torch.int64, device=device))
+        self.label = _static(torch.zeros((), dtype=torch.int64, device=device))
+        self.classes = _static(torch.zeros((), dtype=torch.int64, device=device))
+
+    def watch(self, y: Tensor, classes: int) -> Tensor:
+        """y with every label outside [0, classes) replaced by 0; the first such step and label recorded."""
+        bad = (y < 0) | (y >= classes)
+        first = bad.any() & (self.first_bad < 0)
+        self.first_bad.copy_(torch.where(first, self.done + 1, self.first_bad))
+        value = y.gather(0, bad.int().argmax().reshape(1)).reshape(())  # argmax: the first bad one; no sync
+        self.label.copy_(torch.where(first, value, self.label))
+        self.classes.copy_(torch.where(first, classes, self.classes))
+        return y.masked_fill(bad, 0)
+
+    def check(self, plan: list[Step], per_epoch: int, parallel: DataParallel) -> None:
+        """Raise, on every rank, if any rank saw a label out of range: the earliest such step over the ranks."""
+        step = int(self.first_bad)  # one host read, at checkpoint time
+        problem = None
+        if step >= 0:
+            s = plan[step - 1]
+            epoch, position = divmod(s.batch, per_epoch)
+            problem = (step, f"label {int(self.label)} out of range [0, {int(self.classes)}) at step {step} "
+                             f"({s.role} {s.kind} step on batch {s.batch}: epoch {epoch}, position {position})")
+        problems = [(p[0], rank, p[1]) for rank, p in enumerate(parallel.gather_objects(problem)) if p]
+        if problems:
+            _, rank, problem = min(problems)
+            where = f" (rank {rank})" if parallel.launched else ""
+            raise ValueError(f"{problem}{where}; stopped, the last good checkpoint is kept")
+
+
 class LrSchedule:
     """A role's lr schedule on the device: its optimizer's lr tensors, set before each step from its step count."""
 
@@ -92,10 +132,16 @@ class LrSchedule:
 
 class StepBooks:
     """What one kind of step records, passed into it: the lr schedule of the role that steps, the running loss of
-    its schedule role, and the run's guard. `before` runs ahead of the optimizer update, `record` after it."""
+    its schedule role, and the run's guards. `labels` checks the batch's labels before the loss, `before` runs
+    ahead of the optimizer update, `record` after it."""
 
-    def __init__(self, schedule: LrSchedule, losses: RunningMean, guard: NonFiniteGuard):
-        self.schedule, self.losses, self.guard = schedule, losses, guard
+    def __init__(self, schedule: LrSchedule, losses: RunningMean, guard: NonFiniteGuard,
+                 label_guard: Optional[LabelGuard] = None):
+        self.schedule, self.losses, self.guard, self.label_guard = schedule, losses, guard, label_guard
+
+    def labels(self, y: Tensor, classes: int) -> Tensor:
+        """The labels the loss may take (out-of-range ones replaced and recorded), with a label guard; else y."""
+        return self.label_guard.watch(y, classes) if self.label_guard is not None else y
 
     def before(self) -> None:
         self.schedule.set_lr()

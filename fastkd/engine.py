@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .books import LrSchedule, NonFiniteGuard, RunningMean, StepBooks
+from .books import LabelGuard, LrSchedule, NonFiniteGuard, RunningMean, StepBooks
 from .config import Config
 from .models.features import feature_taps
 from .distributed import SINGLE_PROCESS, DataParallel, fingerprint
@@ -60,9 +60,11 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
         elif cfg.teacher_frozen():  # evaluated once: it never changes
             accuracy["teacher"] = evaluate(roles["teacher"].model, batches, cfg.eval_batch_size, parallel,
                                            test_forward)
-        # The lr schedule, the loss totals and the non-finite guard advance inside each step's graph.
+        # The lr schedule, the loss totals and the guards (non-finite loss, label range) advance inside each step's
+        # graph.
         guard = NonFiniteGuard(device, steps_done=first)
-        books = {name: StepBooks(roles[name].schedule, losses[name], guard) for name in losses}
+        labels = LabelGuard(guard)
+        books = {name: StepBooks(roles[name].schedule, losses[name], guard, labels) for name in losses}
         progress = Progress(len(plan)) if not quiet and parallel.is_main else None
         window = Throughput()
         start, live = time.perf_counter(), None
@@ -94,7 +96,9 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
             if checkpoint.checkpoint_due(plan, done, per_epoch, save_every,
                                          forced=bool(stop.signum) and not parallel.launched):
                 stop_signum = parallel.any_rank(stop.signum)
-                guard.check(plan, parallel)  # never checkpoint weights that a non-finite loss has touched
+                # Never checkpoint weights that a bad label or a non-finite loss has touched.
+                labels.check(plan, per_epoch, parallel)
+                guard.check(plan, parallel)
                 _save_checkpoint(cfg, done, roles, losses, accuracy, images, run_dir, trace, parallel)
                 if stop_signum:
                     raise Interrupted(stop_signum, done, run_dir.path)

@@ -43,7 +43,8 @@ def soft_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, cfg: Lo
         soft = F.kl_div(F.softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1), reduction="sum")
         soft = soft / student_logits.numel()
         return cfg.alpha * soft + (1 - cfg.alpha) * F.cross_entropy(student_logits, y)
-    # Labels were range-checked when the dataset was loaded: skip kd_loss's per-call check, a host sync on CUDA.
+    # The engine's steps range-check the labels in their own graph (fastkd.books.LabelGuard): skip kd_loss's
+    # per-call check, a host sync on CUDA.
     # Every step backpropagates this term with weight 1, so the gradient the forward writes is final (one pass).
     return kd_loss(student_logits, teacher_logits, y, temperature=cfg.temperature, alpha=cfg.alpha,
                    check_target=False, fused_backward=True)
@@ -102,6 +103,12 @@ def _peak(logits: Tensor) -> Tensor:
     return logits.detach().abs().amax()  # NaN and inf survive amax
 
 
+def _checked(y: Tensor, logits: Tensor, books: Optional["StepBooks"]) -> Tensor:
+    """The labels the loss takes: with `books` (the engine's), range-checked against the logits' width in the step's
+    own graph, an out-of-range one recorded and replaced so the loss cannot fail; without, y as given."""
+    return books.labels(y, logits.shape[1]) if books is not None else y
+
+
 def _update(loss: Tensor, terms: Tensor, optimizer, parallel: DataParallel, books: Optional["StepBooks"]) -> Tensor:
     """Backward, gradient averaging and SGD; with `books` (the engine's), this step's lr is set first and the loss
     and its terms are recorded after, all in the same graph."""
@@ -123,7 +130,7 @@ def ce_step(model: nn.Module, optimizer, x: Tensor, y: Tensor, parallel: DataPar
     to `amp` (None: float32) and its backward and update outside."""
     with autocast(amp, x.device.type):
         logits, features = _forward(model, x, tap)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, _checked(y, logits, books))
     terms = _terms(_peak(logits), loss)
     features = features.detach() if features is not None else None
     return _update(loss, terms, optimizer, parallel, books), terms, logits.detach(), features
@@ -137,7 +144,7 @@ def distill_step(student: nn.Module, optimizer, x: Tensor, y: Tensor, teacher_lo
     (the student's) and the teacher's features, plus β·feature_loss between the two networks' pooled features."""
     with autocast(amp, x.device.type):
         logits, features = _forward(student, x, tap)
-        soft = soft_loss(logits, teacher_logits.to(logits.dtype), y, cfg)
+        soft = soft_loss(logits, teacher_logits.to(logits.dtype), _checked(y, logits, books), cfg)
         feature = feature_loss(features, teacher_features, cfg, parallel) if tap is not None else soft.new_zeros(())
     terms = _terms(_peak(logits), _peak(teacher_logits), soft, feature)
     # soft keeps weight 1 in the sum, as kd_loss's fused backward needs (adding a zero leaves it bit for bit).
@@ -159,7 +166,7 @@ def advance_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, parallel: Data
     """The spaced-self advance: only the deepest head's cross-entropy trains."""
     with autocast(amp, x.device.type):
         logits, _ = net(x)
-        loss = F.cross_entropy(logits[-1], y)
+        loss = F.cross_entropy(logits[-1], _checked(y, logits[-1], books))
     terms = _terms(_peak(logits[-1]), loss)
     return _update(loss, terms, optimizer, parallel, books), terms
 
@@ -172,6 +179,7 @@ def self_distill_step(net: nn.Module, optimizer, x: Tensor, y: Tensor, cfg: Loss
     with autocast(amp, x.device.type):
         logits, features = net(x)
         deep_logits, deep_features = logits[-1].detach(), features[-1].detach()
+        y = _checked(y, logits[-1], books)
         ce = F.cross_entropy(logits[-1], y)
         kd = sum(soft_loss(shallow, deep_logits.to(shallow.dtype), y, cfg) for shallow in logits[:-1])
         # The feature distance in float32 at least: a norm over thousands of bf16 terms loses small differences.
