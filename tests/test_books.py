@@ -3,7 +3,7 @@ steps that survive many runs in one process."""
 import pytest
 import torch
 
-from fastkd.books import LrSchedule, NonFiniteGuard, RunningMean, StepBooks
+from fastkd.books import LabelGuard, LrSchedule, NonFiniteGuard, RunningMean, StepBooks
 from fastkd.data.registry import load_synthetic
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, lr_at, make_sgd
@@ -32,6 +32,20 @@ def test_books_record_the_loss_and_the_first_non_finite_step():
     assert books.schedule.steps.item() == 4 and guard.done.item() == 9
     assert guard.first_bad.item() == 8  # the run's 8th step: the first NaN, not the later inf
     assert torch.isnan(guard.terms[0]) and torch.isnan(losses.total)
+
+
+def test_the_label_guard_records_the_first_bad_step_and_label_and_passes_safe_labels():
+    model = torch.nn.Linear(3, 2)
+    guard = NonFiniteGuard("cpu", steps_done=5)
+    books = StepBooks(LrSchedule(make_sgd(model, 0.1, 0.9, 0.0), "constant", 0.1, 10, "cpu"), RunningMean("cpu"),
+                      guard, LabelGuard(guard))
+    seen = []
+    for y in ([0, 3, 1], [2, 4, -1, 5], [-7, 0, 0]):  # 4 classes: the run's 7th step holds 4 first, then -1 and 5
+        seen.append(books.labels(torch.tensor(y), classes=4).tolist())
+        books.record(torch.tensor(1.0), torch.zeros(4))
+    assert seen == [[0, 3, 1], [2, 0, 0, 0], [0, 0, 0]]  # every out-of-range label replaced, the others kept
+    labels = books.label_guard
+    assert (labels.first_bad.item(), labels.label.item(), labels.classes.item()) == (7, 4, 4)
 
 
 @pytest.mark.slow
