@@ -204,7 +204,16 @@ def _row_gradients(ctx, grad_loss, s, target):
     return (grad_loss * scale).expand(s.shape[0])
 
 
+def _no_double_backward() -> None:
+    # The gradient comes from a kernel or was saved by the forward: a constant to autograd, whose own gradient
+    # (create_graph=True) would be silently zero, or an unrelated autograd error further on.
+    if torch.is_grad_enabled():
+        raise RuntimeError("kd_loss: double backward (create_graph=True) is not supported; backend='torch' "
+                           "(plain autograd) supports it")
+
+
 def _backward(ctx, grad_loss, _grad_of_stats, _grad_of_grad):
+    _no_double_backward()
     if ctx.mode == LOSS_ONLY:
         raise RuntimeError("kd_loss: backward through a call made without a student gradient "
                            "(student_logits did not require grad)")
@@ -243,6 +252,7 @@ class _EagerKDLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        _no_double_backward()
         if ctx.mode == STATS:  # straight to the kernel launch, not through the backward op's dispatch
             s, t, target, stats = ctx.saved_tensors
             return _recomputed_grad(s, t, target, stats, _row_gradients(ctx, grad_loss, s, target),

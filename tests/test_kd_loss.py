@@ -305,3 +305,59 @@ def test_out_of_range_target_poisons_the_loss_when_validation_is_skipped(monkeyp
     s, t = logits(3, 5, torch.float32), logits(3, 5, torch.float32)
     for backend in ["triton", "auto"]:
         assert torch.isnan(kd_loss(s, t, torch.tensor([0, 9, 1], device=DEVICE), backend=backend))
+
+
+# Double backward (create_graph=True, e.g. a gradient penalty): the kernels' gradient is a constant to autograd, so
+# every kernel path refuses it with one clear error; backend="torch" is plain autograd and supports it.
+DOUBLE_BACKWARD = r"^kd_loss: double backward \(create_graph=True\) is not supported"
+
+
+@pytest.mark.parametrize("fused, reduction", [(False, "mean"), (False, "none"), (True, "mean")],
+                         ids=["generic-mean", "generic-none", "fused_backward"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_double_backward_is_refused_on_every_kernel_path(backend, fused, reduction):
+    torch.manual_seed(0)
+    s, t, y = logits(5, 7, torch.float32).requires_grad_(), logits(5, 7, torch.float32), targets(5, 7)
+    loss = kd_loss(s, t, y, temperature=T, alpha=ALPHA, reduction=reduction, backend=backend, fused_backward=fused)
+    for weight in (torch.ones_like(loss), torch.full_like(loss, 0.5)):  # the CPU path's shortcut at 1, and not
+        if fused and weight.max() != 1:
+            continue  # fused_backward's contract: an incoming gradient of 1
+        with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
+            torch.autograd.grad(loss, s, weight, create_graph=True, retain_graph=True)
+    torch.autograd.grad(loss, s, torch.ones_like(loss))  # a plain backward of the same call still works
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_double_backward_is_refused_through_the_compiled_graphs_op(backend):
+    """torch.compile runs the fastkd::kd_loss_forward op and its registered backward, not the eager Function."""
+    from fastkd.kernels import kd_loss as kernel
+
+    torch.manual_seed(0)
+    s, t, y = logits(5, 7, torch.float32).requires_grad_(), logits(5, 7, torch.float32), targets(5, 7)
+    mode = kernel.STATS if backend == "triton" else kernel.GRAD
+    loss = kernel._kd_loss_forward(s, t, y, T, ALPHA, IGNORE, mode, kernel.MEAN, backend == "triton")[0]
+    with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_kd_loss_sparse_refuses_double_backward(backend):
+    from fastkd.kernels.kd_loss import kd_loss_sparse
+
+    torch.manual_seed(0)
+    s, y = logits(5, 7, torch.float32).requires_grad_(), targets(5, 7)
+    values, indices = logits(5, 7, torch.float32).topk(3, dim=1)
+    loss = kd_loss_sparse(s, values, indices, y, temperature=T, alpha=ALPHA, backend=backend)
+    with pytest.raises(RuntimeError, match=r"^kd_loss_sparse: double backward \(create_graph=True\)"):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
+def test_the_torch_backend_takes_a_gradient_penalty_as_the_reference_does():
+    torch.manual_seed(0)
+    s, t, y = logits(5, 7, torch.float64).requires_grad_(), logits(5, 7, torch.float64), targets(5, 7)
+    (grad,) = torch.autograd.grad(kd_loss(s, t, y, temperature=T, alpha=ALPHA, backend="torch"), s, create_graph=True)
+    (penalty,) = torch.autograd.grad(grad.square().sum(), s)
+    rows, s64 = reference(s, t, y)
+    (ref_grad,) = torch.autograd.grad(rows.sum() / (y != IGNORE).sum(), s64, create_graph=True)
+    (ref_penalty,) = torch.autograd.grad(ref_grad.square().sum(), s64)
+    torch.testing.assert_close(penalty, ref_penalty)
