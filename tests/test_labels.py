@@ -122,3 +122,51 @@ def test_the_guarded_steps_compile_whole_once_and_stop_on_a_bad_label(tmp_path, 
     with pytest.raises(ValueError, match=rf"^label 4 out of range \[0, 4\) at step {bad_step} "):
         fastkd.fit("spaced", **RUN, interval=0.7, compile=True, out=tmp_path / "run", quiet=True)
     assert set(calls) == {"ce", "distill"} and min(calls.values()) > 8, calls
+
+
+RANK_SCRIPT = """
+import os, sys
+import torch
+import fastkd
+from fastkd import engine
+from fastkd.data.base import Batch
+
+real = engine.batches_along
+rank = int(os.environ["RANK"])
+
+
+def poisoned(*args, **kwargs):  # rank 1's share of batch (0, 2) holds label -3; rank 0's labels are all fine
+    for step, batch in real(*args, **kwargs):
+        if rank == 1 and (batch.epoch, batch.position) == (0, 2):
+            y = batch.y.clone()
+            y[3] = -3
+            batch = Batch(batch.x, y, batch.indices, batch.epoch, batch.position)
+        yield step, batch
+
+
+engine.batches_along = poisoned
+try:
+    fastkd.fit("baseline", student="tiny", train_data="synthetic", epochs=1, batch_size=64, device="cpu",
+               out=sys.argv[1], quiet=True, save_every=1)
+except ValueError as e:
+    print(f"rank {rank}: {e}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.slow
+def test_every_data_parallel_rank_stops_with_the_rank_that_saw_the_bad_label(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "poisoned_rank.py"
+    script.write_text(RANK_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "run")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("rank "))
+    expected = ("label -3 out of range [0, 4) at step 3 (student ce step on batch 2: epoch 0, position 2) (rank 1); "
+                "stopped, the last good checkpoint is kept")
+    assert errors == [f"rank 0: {expected}", f"rank 1: {expected}"], proc.stderr[-3000:]
+    assert checkpoint.load_checkpoint(tmp_path / "run")["done"] == 2
