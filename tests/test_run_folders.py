@@ -179,3 +179,18 @@ def test_resumed_tensorboard_holds_the_uninterrupted_runs_scalars(tmp_path):
         steps = [step for step, _ in events]
         assert len(steps) == len(set(steps)), f"{tag}: duplicate steps {steps}"
         assert events == expected[tag], tag
+
+
+def test_every_torchrun_rank_refuses_a_folder_holding_a_run(run_with_user_file):
+    """Each rank checks the shared folder before any collective: all of them stop (none waits on the others),
+    rank 0 says it once, and the folder stays as it was."""
+    import os
+
+    before = state_of(run_with_user_file)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fastkd.train", *QUICK, "--device", "cpu", "--out", str(run_with_user_file)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fastkd.train: error:")]
+    assert len(errors) == 1 and "already holds a run" in errors[0] and "--overwrite" in errors[0], proc.stderr[-3000:]
+    assert state_of(run_with_user_file) == before
