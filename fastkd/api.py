@@ -16,7 +16,7 @@ from .checkpoint import load_checkpoint
 from .config import Config, check_types, preset_settings, validate, with_legacy_settings
 from .data import make_batches
 from .data.user import DatasetBatches, describe_dataset
-from .distributed import DataParallel, join, leave, rank_from_env
+from .distributed import DataParallel, join, leave
 from .models import build_model
 from .models.features import ClassifierNotRun, FeatureTap, check_feature_widths
 from .models.weights import load_teacher_weights
@@ -43,7 +43,8 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
     (then test_data is None and `data_dir` / `loader` apply). settings: any `fastkd.config.Config` field (epochs,
     batch_size, interval, compile, device, seed, lr, temperature, alpha, beta, ...). resume=True continues the run
     in `out` exactly; a fresh run into an `out` that holds a run is a ValueError unless overwrite=True, which
-    removes that run's files first. out=None: a new folder runs/<time>-<method>. check_replay=True re-fetches the first replayed batch and compares it with the teacher's.
+    removes that run's files first. out=None: a new folder runs/<time>-<method>. check_replay=True re-fetches the
+    first replayed batch and compares it with the teacher's.
     tensorboard: a folder (or True: `out`/tensorboard) that receives every metrics.jsonl record as scalars.
     """
     unknown = sorted(set(settings) - set(SETTINGS))
