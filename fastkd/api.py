@@ -3,6 +3,7 @@
 The command line (`python -m fastkd.train`) is a thin layer over this function: one code path.
 """
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -19,7 +20,7 @@ from .distributed import DataParallel, join, leave
 from .models import build_model
 from .models.features import ClassifierNotRun, FeatureTap, check_feature_widths
 from .models.weights import load_teacher_weights
-from .outputs import check_tensorboard
+from .outputs import BOARD, check_out_is_free, check_tensorboard, clear_run
 from .schedule import SELF_METHODS
 
 DEFAULTS = Config()
@@ -30,7 +31,7 @@ USER = "python:"  # config.json's name for a model or dataset passed as an objec
 
 def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = None,
         student: Union[nn.Module, str, None] = None, train_data=None, test_data=None, *,
-        out: Union[str, Path, None] = None, trace: Optional[str] = None, resume: bool = False,
+        out: Union[str, Path, None] = None, trace: Optional[str] = None, resume: bool = False, overwrite: bool = False,
         check_replay: bool = False, save_every: Optional[int] = None, quiet: bool = False, num_workers: int = 2,
         tensorboard: Union[str, Path, bool, None] = None, **settings) -> dict:
     """Train `student` (and `teacher`) with `method`; returns the run's summary (the last line of metrics.jsonl).
@@ -41,7 +42,9 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
     train_data, test_data: map-style Datasets of (image tensor, int label), or train_data a fastkd dataset name
     (then test_data is None and `data_dir` / `loader` apply). settings: any `fastkd.config.Config` field (epochs,
     batch_size, interval, compile, device, seed, lr, temperature, alpha, beta, ...). resume=True continues the run
-    in `out` exactly. check_replay=True re-fetches the first replayed batch and compares it with the teacher's.
+    in `out` exactly; a fresh run into an `out` that holds a run is a ValueError unless overwrite=True, which
+    removes that run's files first. out=None: a new folder runs/<time>-<method>. check_replay=True re-fetches the
+    first replayed batch and compares it with the teacher's.
     tensorboard: a folder (or True: `out`/tensorboard) that receives every metrics.jsonl record as scalars.
     """
     unknown = sorted(set(settings) - set(SETTINGS))
@@ -58,6 +61,8 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
     settings = {"method": method, **settings}
     settings.update(_names(teacher, student, train_data, test_data, settings))
     cfg = config_from_settings(settings)
+    if resume and overwrite:
+        raise ValueError("--overwrite starts a new run and --resume continues one: give only one of them")
     state = None
     if resume:  # a setting that differs from the saved run is the error to report, before any other
         if out is None:
@@ -66,8 +71,8 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
         _check_resumable(cfg, state["config"])
     validate(cfg, zoo_models=[role for role, m in (("teacher", teacher), ("student", student))
                               if not isinstance(m, nn.Module)])
-    out = Path(out if out is not None else default_out(cfg.method))
-    board = None if tensorboard in (None, False) else out / "tensorboard" if tensorboard is True else Path(tensorboard)
+    if out is not None and not resume:  # on every rank, before any collective work
+        check_out_is_free(Path(out), overwrite)
 
     parallel, device = join(cfg.device)
     try:
@@ -80,14 +85,33 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
             batches.info = dataclasses.replace(batches.info, num_classes=num_classes)
         if cfg.feature_loss != "none":
             check_feature_widths(models, {"teacher": cfg.teacher, "student": cfg.student}, batches.info.num_classes)
+        if out is None:  # made here, once the run is sure to start; only rank 0 makes it (the others never write)
+            out = default_out(cfg.method, create=parallel.is_main)
+        out = Path(out)
+        if overwrite and parallel.is_main:
+            clear_run(out)
+        board = None if tensorboard in (None, False) else out / BOARD if tensorboard is True else Path(tensorboard)
         return engine.train(cfg, batches, models, out, device, parallel, trace_path=trace, quiet=quiet,
                             resume=state, save_every=save_every, check_replay=check_replay, tensorboard=board)
     finally:
         leave(parallel)
 
 
-def default_out(method: str) -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
+def default_out(method: str, create: bool = True) -> Path:
+    """runs/<time>-<method>, made exclusively (a run started in the same second gets -2, -3, ...): no two runs
+    ever share a default folder. create=False: the name only (a torchrun rank other than 0 writes nothing)."""
+    base = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
+    if not create:
+        return base
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise ValueError(f"--out: no free name after {path} (pass --out)")
 
 
 def _names(teacher, student, train_data, test_data, settings: dict) -> dict:

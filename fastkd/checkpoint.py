@@ -1,6 +1,7 @@
 """Checkpoints: the atomic, code-free save (temporary file, fsync, rename; loaded with weights_only=True), when a run
 saves one (the policy), and what it holds (snapshot and restore)."""
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -10,25 +11,44 @@ from torch import nn
 from .schedule import Step
 
 CHECKPOINT = "checkpoint.pt"
+TEMPORARY_SUFFIX = ".tmp"
+_UMASK = os.umask(0o22)  # read once (os.umask can only read it by setting it) and put back at once
+os.umask(_UMASK)
 
 
 def save_atomic(obj, path: Path) -> None:
-    """A crash or a full disk during the write leaves the previous file at `path` intact."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """A crash or a full disk during the write leaves the previous file at `path` intact: the object goes to a
+    temporary of its own in the same folder (so two saves never share one), is made durable, then renamed over
+    `path`. A failed save removes its temporary."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it 0600; a saved file gets the usual permissions
+        with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        sync_folder(path.parent)  # the temporary's entry is durable before it replaces anything
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise ValueError(f"could not save {path}: {e.strerror or e}; the previous checkpoint is kept") from None
-    directory = os.open(path.parent, os.O_RDONLY)
+        if isinstance(e, OSError):
+            raise ValueError(f"could not save {path}: {e.strerror or e}; the previous file is kept") from None
+        raise
+    sync_folder(path.parent)  # make the rename itself durable
+
+
+def sync_folder(folder: Path) -> None:
+    directory = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(directory)  # make the rename itself durable
+        os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """Temporaries that a killed save_atomic left in `folder` (never renamed: not part of any run state)."""
+    return sorted(p for p in folder.glob(f".*.pt*{TEMPORARY_SUFFIX}") if p.is_file())
 
 
 def load_checkpoint(run_dir: Path) -> dict:

@@ -2,6 +2,7 @@
 the epoch records and the progress bar. Rank 0 alone writes (`writer`)."""
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -9,8 +10,37 @@ from typing import Optional
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoint import save_atomic
+from .checkpoint import CHECKPOINT, save_atomic, temporaries
 from .schedule import Step
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, "student.pt", "teacher.pt")
+BOARD = "tensorboard"  # --tensorboard's default folder inside --out
+
+
+def run_files(path: Path) -> list[Path]:
+    """What a run leaves in its folder: the files fastkd writes, the default TensorBoard folder and stray checkpoint
+    temporaries. Anything else there is the user's."""
+    if not path.is_dir():
+        return []
+    found = [path / name for name in RUN_FILES if (path / name).exists()]
+    found += [path / BOARD] if (path / BOARD).is_dir() else []
+    return found + temporaries(path)
+
+
+def check_out_is_free(path: Path, overwrite: bool) -> None:
+    """A fresh run never mixes with (or overwrites) a run already in `path`, unless told to with --overwrite.
+    Checked on every rank of a torchrun (the folder is shared) before any collective work."""
+    found = run_files(path)
+    if found and not overwrite:
+        raise ValueError(f"--out {path} already holds a run ({', '.join(p.name for p in found)}): continue it with "
+                         f"--resume {path}, or pass --overwrite to remove these and start afresh")
+
+
+def clear_run(path: Path) -> None:
+    """--overwrite: remove the previous run's files (run_files); the user's other files stay."""
+    for found in run_files(path):
+        shutil.rmtree(found) if found.is_dir() else found.unlink()
 
 
 class RunDirectory:
@@ -28,6 +58,8 @@ class RunDirectory:
             probe.unlink()
         except OSError as e:
             raise ValueError(f"--out {path} is not writable: {e.strerror or e}") from None
+        for stray in temporaries(path):  # left by a save that was killed: never part of the run
+            stray.unlink()
         self.metrics = open(path / "metrics.jsonl", "a")
         if truncate_metrics_to is not None:  # resuming: drop records written after the checkpoint
             self.metrics.truncate(truncate_metrics_to)
@@ -35,7 +67,16 @@ class RunDirectory:
         if tensorboard is not None:
             from torch.utils.tensorboard import SummaryWriter  # checked importable by fit (check_tensorboard)
 
+            if truncate_metrics_to is not None:
+                # Resuming: events written after the checkpoint must go, but their steps are each role's epoch,
+                # which no single purge step can cut. So the board is rebuilt from the truncated metrics.jsonl.
+                for events in tensorboard.glob("events.out.tfevents.*"):
+                    events.unlink()
             self.board = SummaryWriter(str(tensorboard))
+            if truncate_metrics_to is not None:
+                for line in (path / "metrics.jsonl").read_text().splitlines():
+                    _board_scalars(self.board, json.loads(line), flush=False)
+                self.board.flush()
 
     def write_config(self, config: dict, info) -> None:
         if self.writer:
@@ -72,7 +113,7 @@ def check_tensorboard() -> None:
         raise ValueError("--tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\"") from None
 
 
-def _board_scalars(board, record: dict) -> None:
+def _board_scalars(board, record: dict, flush: bool = True) -> None:
     """A metrics.jsonl record as TensorBoard scalars: `<role>/<key>` at the role's epoch; the summary's numbers as
     `summary/<key>`."""
     if "summary" in record:
@@ -83,7 +124,8 @@ def _board_scalars(board, record: dict) -> None:
     for tag, value in scalars.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             board.add_scalar(tag, value, step)
-    board.flush()
+    if flush:
+        board.flush()
 
 
 class Trace:

@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--preset", choices=tuple(PRESETS), default=None,
       help="official: the official code's settings and quirks (lr 0.01 constant, 80 epochs, feature loss dist with "
            "β 0.03, all three quirks)")
-    a("--out", default=None, help="run directory (default runs/<time>-<method>)")
+    a("--out", default=None,
+      help="run directory (default runs/<time>-<method>, a new folder); one that already holds a run is refused "
+           "unless --resume or --overwrite")
+    a("--overwrite", action="store_true",
+      help="start afresh in an --out that holds a run: its run files (config.json, metrics.jsonl, *.pt, "
+           "tensorboard/) are removed first, other files kept")
     a("--trace", default=None, help="write one JSON line per optimizer step to this file")
     a("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
       help="also write every epoch record as TensorBoard scalars, into DIR (default: OUT/tensorboard)")
@@ -146,20 +151,27 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     main_rank = rank_from_env() == 0
+    made = None  # the default --out made here, removed again if the run does not start
     try:
         given = {**(file_settings(args.config) if args.config else {}), **explicit_settings(argv)}
         if args.resume:
+            if args.overwrite:
+                raise ValueError("--overwrite starts a new run and --resume continues one: give only one of them")
             settings = resumed_settings(load_checkpoint(Path(args.resume))["config"], given)
             out = args.resume
         else:
             settings = given
-            out = args.out or default_out(settings.get("method", DEFAULTS.method))
+            out = args.out
+            if out is None:
+                out = made = default_out(settings.get("method", DEFAULTS.method), create=main_rank)
         summary = fit(**settings, out=out, trace=args.trace, quiet=args.quiet, resume=bool(args.resume),
-                      tensorboard=args.tensorboard,
+                      overwrite=args.overwrite, tensorboard=args.tensorboard,
                       save_every=args.save_every)
     except ValueError as e:
         if main_rank:  # under torchrun every rank meets the same error: rank 0 says it once
             print(f"fastkd.train: error: {e}", file=sys.stderr)
+            if made is not None:
+                _remove_if_empty(made)
         return 2
     except Interrupted as e:
         if main_rank:
@@ -172,6 +184,13 @@ def main(argv=None) -> int:
           f"{summary['student_top1']:.2f}% | wall {summary['wall_s']:.1f} s | {summary['images_per_s']:.0f} images/s"
           f" | {out}")
     return 0
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only an empty folder: whatever a run wrote there stays
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
