@@ -17,15 +17,15 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sysconfig
 import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-
+# No torch import at module level: setup.py runs this file to build the library at install time.
 SOURCE = Path(__file__).with_name("kd_loss_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off")
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2, "torch.float64": 3}
 _ARGTYPES = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
              + [ctypes.c_int64] * 2 + [ctypes.c_double] * 4 + [ctypes.c_int64, ctypes.c_int]
              + [ctypes.c_void_p] * 3 + [ctypes.c_int])
@@ -129,14 +129,19 @@ def _load(library: Path):
     return entry
 
 
+def _intact(library: Path) -> bool:
+    record = _digest_path(library)
+    return library.is_file() and record.is_file() and record.read_text() == _digest(library)
+
+
 def _load_from_cache(compiler: list[str], library: Path):
-    root, record = library.parent, _digest_path(library)
+    root = library.parent
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_trusted(root, root)  # before reading from it or building into it
-    for path in (library, record):
+    for path in (library, _digest_path(library)):
         if os.path.lexists(path):
             _check_trusted(path, root)
-    if library.is_file() and record.is_file() and record.read_text() == _digest(library):
+    if _intact(library):
         try:
             return _load(library)
         except OSError:  # intact but not loadable (the entry point missing, say): built again, once
@@ -145,9 +150,26 @@ def _load_from_cache(compiler: list[str], library: Path):
     return _load(library)
 
 
+# Built by setup.py when fastkd is installed, beside this file (in place for an editable install), under a name that
+# says what it was built from and for: only a library built from this source for this CPU is found. It is as trusted
+# as this file: whoever can write one can write the other.
+def installed_name() -> str:
+    """The module name of the install-time library: keyed by this source, these flags and this CPU (-march=native
+    code may not run on another), not by the compiler's version, which may change without making it wrong."""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, _cpu_identity()]).encode()).hexdigest()
+    return f"kd_loss_cpu_native_{key[:16]}"
+
+
+def installed_library() -> Path:
+    return Path(__file__).with_name(installed_name() + sysconfig.get_config_var("EXT_SUFFIX"))
+
+
 @functools.lru_cache(maxsize=None)
 def kernel():
-    """The library's entry point `fastkd_kd_loss`, built on first use."""
+    """The library's entry point `fastkd_kd_loss`: the one built at install time, else from the cache, built on
+    first use."""
+    if installed_library().is_file():
+        return _load(installed_library())
     compiler = _compiler()
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_identity()]).encode()).hexdigest()
@@ -169,7 +191,8 @@ def run(s, t, target, inv_t, kl_loss_scale, kl_grad_scale, ce_weight, ignore_ind
         grad) -> None:
     """Fill rows (N,), reduced () (unless reduction is NONE) and grad (N, C) contiguous (or None) for CPU tensors
     s, t with classes at stride 1 and target None or int64 contiguous."""
-    status = kernel()(DTYPE_CODES[s.dtype], s.data_ptr(), s.stride(0), t.data_ptr(), t.stride(0),
+    import torch
+    status = kernel()(DTYPE_CODES[str(s.dtype)], s.data_ptr(), s.stride(0), t.data_ptr(), t.stride(0),
                       None if target is None else target.data_ptr(), s.shape[0], s.shape[1], inv_t, kl_loss_scale,
                       kl_grad_scale, ce_weight, ignore_index, reduction, rows.data_ptr(), reduced.data_ptr(),
                       None if grad is None else grad.data_ptr(), torch.get_num_threads())

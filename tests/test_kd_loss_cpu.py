@@ -68,8 +68,10 @@ def test_the_same_bits_on_one_thread_and_on_two(dtype):
 
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
-    """The loader with its own cache folder; the process's kernel is loaded again afterwards."""
+    """The loader with its own cache folder and no install-time library; the process's kernel is loaded again
+    afterwards."""
     monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_kd_loss_cpu, "installed_library", lambda: tmp_path / "not-installed.so")
     _kd_loss_cpu.kernel.cache_clear()
     yield tmp_path / "cache"
     _kd_loss_cpu.kernel.cache_clear()

@@ -1,11 +1,14 @@
 """The CPU kernel's cache loads only what no one but this user can have written: a cache folder or library that
 another user owns, that group or others may write, or that is a symbolic link is not loaded; the kernel is built in a
-private folder instead, with one warning. A cached library cut short is built again once; $CXX may be a command."""
+private folder instead, with one warning. A cached library cut short is built again once; $CXX may be a command. A
+library built when fastkd was installed is loaded, with no compiler, only on the CPU it was built for."""
 import os
 import shlex
 import shutil
 import stat
 import subprocess
+import sys
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -15,6 +18,8 @@ import torch
 from fastkd.kernels import _kd_loss_cpu
 from fastkd.kernels.kd_loss import kd_loss, kd_loss_reference
 
+EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
+
 
 @pytest.fixture(scope="module")
 def built_library(tmp_path_factory):
@@ -22,6 +27,7 @@ def built_library(tmp_path_factory):
     cache = tmp_path_factory.mktemp("built")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FASTKD_CACHE_DIR", str(cache))
+        patch.setattr(_kd_loss_cpu, "installed_library", lambda: cache / "not-installed.so")
         _kd_loss_cpu.kernel.cache_clear()
         _kd_loss_cpu.kernel()
     _kd_loss_cpu.kernel.cache_clear()
@@ -31,8 +37,10 @@ def built_library(tmp_path_factory):
 
 @pytest.fixture
 def cache(monkeypatch, tmp_path):
-    """An empty cache folder for the loader; the process's kernel is loaded again afterwards."""
+    """An empty cache folder for the loader and no install-time library; the process's kernel is loaded again
+    afterwards."""
     monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_kd_loss_cpu, "installed_library", lambda: tmp_path / "not-installed.so")
     _kd_loss_cpu.kernel.cache_clear()
     yield tmp_path / "cache"
     _kd_loss_cpu.kernel.cache_clear()
@@ -209,3 +217,63 @@ def test_a_cxx_command_with_arguments_is_run_as_a_command(cache, tmp_path, monke
     lines = calls.read_text().splitlines()
     assert lines[0] == "g++ --version" and lines[1].startswith("g++ -O3 ") and len(lines) == 2
     assert list(cache.glob("kd_loss_cpu-*.so"))
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    """A package folder for the loader: the install-time library is looked for beside its (pretended) file."""
+    folder = tmp_path / "package"
+    folder.mkdir()
+    monkeypatch.setattr(_kd_loss_cpu, "__file__", str(folder / "_kd_loss_cpu.py"))
+    return folder
+
+
+def _install(built_library) -> Path:
+    library = Path(_kd_loss_cpu.__file__).with_name(_kd_loss_cpu.installed_name() + EXT_SUFFIX)
+    shutil.copy2(built_library, library)
+    return library
+
+
+def test_the_library_built_at_install_time_is_loaded_without_a_compiler_or_cache(built_library, package, tmp_path,
+                                                                                    monkeypatch):
+    _install(built_library)
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    _kd_loss_cpu.kernel.cache_clear()
+    try:
+        _assert_the_kernel_computes_kd_loss()
+    finally:
+        _kd_loss_cpu.kernel.cache_clear()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_library_installed_for_another_cpu_is_not_loaded(built_library, package, builds, tmp_path, monkeypatch):
+    installed = _install(built_library)
+    monkeypatch.setattr(_kd_loss_cpu, "_cpu_identity", lambda: "another CPU")
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
+    _kd_loss_cpu.kernel.cache_clear()
+    try:
+        _kd_loss_cpu.kernel()
+    finally:
+        _kd_loss_cpu.kernel.cache_clear()
+    (built,) = builds
+    assert built.parent == tmp_path / "cache" and installed.is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiler", ["g++", "none"])
+def test_setup_builds_the_library_where_the_loader_looks_and_installs_without_a_compiler(tmp_path, compiler):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": os.path.dirname(shutil.which("g++")) if compiler == "g++" else str(tmp_path)}
+    env.pop("CXX", None)
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                           "--build-temp", str(tmp_path / "temp")], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    library = tmp_path / "lib" / "fastkd" / "kernels" / (_kd_loss_cpu.installed_name() + EXT_SUFFIX)
+    if compiler == "g++":
+        assert library.is_file() and _kd_loss_cpu._load(library)
+    else:
+        assert "the CPU kernel is not built at install time (it is built on first use)" in done.stderr
+        assert not list(tmp_path.glob("lib/**/*.so"))
