@@ -1,4 +1,5 @@
-"""Builds and loads the CPU kernel (kd_loss_cpu.cpp): once per machine with its C++ compiler, cached on disk.
+"""Builds and loads the CPU kernel (kd_loss_cpu.cpp): at install time (setup.py runs this file's recipe), else once
+per machine with its C++ compiler, cached on disk.
 
 The library is keyed by the source, the flags, the compiler's version and the CPU (it is built for this CPU's vector
 units, -march=native), so a shared home directory across different machines never loads a foreign build. It needs no
