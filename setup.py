@@ -1,4 +1,31 @@
-from setuptools import setup
+import importlib.util
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+# The CPU kernel's loader and build recipe, run as a file: it needs no torch, and the install builds exactly what a
+# run-time build would.
+_spec = importlib.util.spec_from_file_location("_kd_loss_cpu_build",
+                                               Path(__file__).parent / "kernels" / "_kd_loss_cpu.py")
+cpu_kernel = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cpu_kernel)
+
+
+class BuildCpuKernel(build_ext):
+    """Builds the CPU kernel (kernels/kd_loss_cpu.cpp, a plain library that ctypes loads, no Python module) for this
+    machine's CPU, under the name the loader looks for. Without a working C++ compiler fastkd installs anyway, and the
+    kernel is built on first use."""
+
+    def build_extension(self, ext):
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            cpu_kernel._build(cpu_kernel._compiler(), target)
+        except (RuntimeError, OSError) as e:
+            self.warn(f"fastkd: the CPU kernel is not built at install time (it is built on first use): {e}")
+
 
 # kernels/ is installed as the subpackage fastkd.kernels: no top-level module named "kernels" is ever installed.
 setup(
@@ -8,7 +35,11 @@ setup(
     python_requires=">=3.10",
     packages=["fastkd", "fastkd.analysis", "fastkd.data", "fastkd.models", "fastkd.kernels"],
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels"},
-    package_data={"fastkd.kernels": ["kd_loss_cpu.cpp"]},  # the CPU kernel's source, built on first use
+    package_data={"fastkd.kernels": ["kd_loss_cpu.cpp"]},  # the CPU kernel's source, for a run-time build
+    # optional: an editable install then copies no library into place where its build failed
+    ext_modules=[Extension(f"fastkd.kernels.{cpu_kernel.installed_name()}", ["kernels/kd_loss_cpu.cpp"],
+                           optional=True)],
+    cmdclass={"build_ext": BuildCpuKernel},
     # Lower bounds only: a GPU machine that already has torch >= 2.11 and triton >= 3.6 keeps them.
     install_requires=[
         "torch>=2.11",

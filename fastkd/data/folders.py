@@ -2,6 +2,7 @@
 
 Each reader checks the layout before any training starts and reports a problem in one line that names the path.
 """
+import codecs
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,12 +109,46 @@ def scan_imagefolder(root: Path, size: int = 64) -> ImageFiles:
     return ImageFiles(info, *files["train"], *files["val"], IMAGENET_MEAN, IMAGENET_STD)
 
 
+def _numpy_globals() -> dict:
+    """What numpy (1.x as numpy.core, 2.x as numpy._core) names in a pickled array, mapped to the objects themselves:
+    taken from numpy's own reductions, so that no other module is ever imported by the unpickler."""
+    reconstruct = np.zeros(1).__reduce__()[0]  # protocols 0-4: _reconstruct(ndarray, shape, dtype) + state
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5: _frombuffer(buffer, dtype, shape, order)
+    scalar = np.float64(0).__reduce__()[0]
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):
+        allowed |= {(f"{core}.multiarray", "_reconstruct"): reconstruct, (f"{core}.multiarray", "scalar"): scalar,
+                    (f"{core}.numeric", "_frombuffer"): frombuffer}
+    return allowed
+
+
+# Everything a CIFAR pickle refers to by name: numpy arrays, and the two ways protocol 2 spells bytes (dicts, lists,
+# str, bytes and numbers have opcodes of their own). Anything else, os.system say, would run when loaded.
+CIFAR_PICKLE_GLOBALS = {("_codecs", "encode"): codecs.encode, ("__builtin__", "bytes"): bytes,
+                        ("builtins", "bytes"): bytes, **_numpy_globals()}
+
+
+class _RefusedGlobal(Exception):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return CIFAR_PICKLE_GLOBALS[module, name]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"CIFAR-100 layout: {path} is missing")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _CifarUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise ValueError(f"CIFAR-100 layout: {path} is refused: it names {e}, which no CIFAR pickle holds (loading "
+                         f"it could run code)") from None
     except Exception as e:  # truncated or not a pickle: name the file, not the unpickler's internals
         raise ValueError(f"CIFAR-100 layout: {path} is not a readable CIFAR pickle ({type(e).__name__})") from None
 
