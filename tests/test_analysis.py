@@ -2,6 +2,7 @@
 t-interval vs tabulated quantiles, and the PNG charts.
 
 Every random draw is seeded, so a failure reproduces; tests that loop over seeds name the seed when they fail."""
+import json
 import math
 
 import pytest
@@ -163,6 +164,43 @@ def test_figures_and_profiles_are_written(tmp_path):
     assert image.size == (2 * 560, 400)  # two panels of 5.6 × 4 inches at 100 dpi
     colours = {colour for _, colour in image.convert("RGB").getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours  # both series drawn (matplotlib's C0 and C1)
-    save_profile(tmp_path / "profile", [-1.0, 0.0, 1.0], {"student": [2.0, 0.5, 1.5]}, "profile")
-    assert (tmp_path / "profile.png").is_file()
-    assert '"student"' in (tmp_path / "profile.json").read_text()
+    steps, curves = [-1.0, 0.0, 1.0], {"student": [2.0, 0.5, 1.5], "teacher": [0.25, 0.125, 3.0]}
+    save_profile(tmp_path / "profile", steps, curves, "profile")
+    assert json.loads((tmp_path / "profile.json").read_text()) == {"title": "profile", "steps": steps,
+                                                                   "losses": curves}
+    colours = {colour for _, colour in Image.open(tmp_path / "profile.png").convert("RGB").getcolors(1 << 20)}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours  # both curves drawn
+
+
+def two_logit_model(a: float, b: float) -> nn.Module:
+    """logits = (a·x, b·x): on x = 1 with label 0 the loss is log(1 + e^(b − a)), which a hand can compute."""
+    model = nn.Linear(1, 2, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[a], [b]], dtype=torch.float64))
+    return model
+
+
+def test_profiles_equal_a_hand_computation_on_a_two_logit_model():
+    data = [(torch.ones(1, 1, dtype=torch.float64), torch.tensor([0]))]
+    steps = [-1.0, 0.0, 0.5, 2.0]
+    # Along d = (1, 0) from (a, b) = (0, 0): the loss at t is log(1 + e^(−t)).
+    along = loss_profile(two_logit_model(0.0, 0.0), data, steps,
+                         direction=[torch.tensor([[1.0], [0.0]], dtype=torch.float64)])
+    assert along == pytest.approx([math.log(1 + math.e), math.log(2), math.log(1 + math.exp(-0.5)),
+                                   math.log(1 + math.exp(-2))], rel=1e-12)
+    # Towards (a, b) = (1, 3) from (0, 0): at t the weights are (t, 3t) and the loss log(1 + e^(2t)).
+    towards = loss_profile(two_logit_model(0.0, 0.0), data, steps, towards=two_logit_model(1.0, 3.0))
+    assert towards == pytest.approx([math.log(1 + math.exp(-2)), math.log(2), math.log(1 + math.e),
+                                     math.log(1 + math.exp(4))], rel=1e-12)
+
+
+def test_a_trained_models_profile_is_lowest_at_its_own_weights():
+    # Near a minimum (of the loss plus a small L2 term, whose gradient 2·1e-2·w moves the minimum of the loss alone
+    # by a step of about 1e-2 along a direction scaled to the weights), the profile along a random direction is
+    # higher at t = ±0.1 and ±0.3 than at 0, and rises from 0.1 to 0.3 on both sides.
+    data = batches(4)
+    model = near_a_minimum(small_net(4), data)
+    steps = [-0.3, -0.1, 0.0, 0.1, 0.3]
+    profile = loss_profile(model, data, steps, direction=random_direction(model, torch.Generator().manual_seed(4)))
+    assert profile[2] == pytest.approx(training_loss(model, data), rel=1e-12)
+    assert min(profile) == profile[2] and profile[0] > profile[1] and profile[4] > profile[3], profile

@@ -154,24 +154,39 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert saved["done"] == 10  # the replay boundary before the bad step; nothing later was saved
 
 
+# Runs fastkd.train (argv[2:]) and sends this process SIGTERM right after its N-th optimizer step (argv[1]), as if
+# the signal arrived during that step: a trigger fixed to a step, not to a wall-clock moment.
+SIGTERM_AFTER = r"""
+import os, signal, sys
+from fastkd import engine
+from fastkd.train import main
+after, count, real_run_step = int(sys.argv[1]), 0, engine.run_step
+def run_step(*args, **kwargs):
+    global count
+    result = real_run_step(*args, **kwargs)
+    count += 1
+    if count == after:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return result
+engine.run_step = run_step
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigterm_saves_at_the_next_step_boundary_and_the_run_resumes(tmp_path):
     import signal
-    import time
 
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fastkd.train", "--method", "spaced", *RUN, "--epochs", "20",
-                             "--out", str(out), "--trace", str(out) + ".trace"], stderr=subprocess.PIPE, text=True)
-    trace = tmp_path / "run.trace"
-    deadline = time.time() + 120
-    while (not trace.exists() or len(trace.read_text().splitlines()) < 12) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
-    done = torch.load(out / checkpoint.CHECKPOINT, weights_only=True)["done"]
-    assert done >= 12 and len(trace.read_text().splitlines()) == done
-    assert main(["--resume", str(out), "--epochs", "2", "--quiet"]) == 0
+    out, trace = tmp_path / "run", tmp_path / "run.trace"
+    # Step 12 advances the teacher on batch 6, inside a window (K = 5): no regular checkpoint falls there.
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_AFTER, "12", "--method", "spaced", *RUN, "--epochs", "20",
+                           "--out", str(out), "--trace", str(trace)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"fastkd.train: stopped by SIGTERM after step 12; checkpoint saved, "
+                                                f"continue with --resume {out}"], proc.stderr[-3000:]
+    assert torch.load(out / checkpoint.CHECKPOINT, weights_only=True)["done"] == 12  # saved right after step 12
+    assert len(trace.read_text().splitlines()) == 12
+    assert main(["--resume", str(out), "--epochs", "2", "--quiet", "--trace", str(trace)]) == 0
+    assert len(trace.read_text().splitlines()) == 2 * 8 * 2  # continued from 12 to the end of 2 epochs
 
 
 def _fingerprint(folder):

@@ -155,15 +155,19 @@ BAD = [
 
 
 @pytest.mark.parametrize("args,flag", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, args, flag):
+def test_bad_input_is_one_line_naming_the_flag_and_stops_before_anything_runs(tmp_path, capsys, monkeypatch, args,
+                                                                               flag):
+    steps = []  # every training step the engine would run
+    monkeypatch.setattr(engine, "run_step", lambda *a, **k: steps.append(a))
     try:
         code = main([*args, "--out", str(tmp_path / "out"), "--quiet"])
     except SystemExit as e:  # argparse rejects unknown choices itself
         code = e.code
     assert code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and flag in err, err
-    assert not (tmp_path / "out" / "student.pt").exists()
+    assert len(err.splitlines()) == 1 and err.startswith("fastkd.train: error: ") and flag in err, err
+    # Refused up front: no step ran and the run folder was never made (not merely that no weights were saved).
+    assert steps == [] and list(tmp_path.iterdir()) == [], (steps, list(tmp_path.iterdir()))
 
 
 def test_unwritable_out_and_cli_errors_have_no_traceback(tmp_path):
