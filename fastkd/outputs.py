@@ -37,9 +37,10 @@ class RunDirectory:
 
             self.board = SummaryWriter(str(tensorboard))
 
-    def write_config(self, config: dict, info) -> None:
+    def write_config(self, config: dict, info, feature_term: str) -> None:
+        """The settings as asked, then what they resolved to: the dataset and the feature term that runs."""
         if self.writer:
-            record = {**config, "dataset_info": info.to_dict()}
+            record = {**config, "dataset_info": info.to_dict(), "feature_term": feature_term}
             (self.path / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def log(self, record: dict) -> None:

@@ -57,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--beta", type=float, default=DEFAULTS.beta,
       help="feature-loss weight β: of --feature-loss for online, spaced and offline; of the heads' feature loss for "
            "self and spaced-self")
-    a("--feature-loss", choices=("none", *FEATURE_LOSSES), default=None,
+    a("--feature-loss", choices=("auto", "none", *FEATURE_LOSSES), default=None,
       help="online, spaced, offline: the student's loss gains β·feature between the two networks' pooled "
            "penultimate features (equal widths): dist = torch.dist (2-norm of the whole batch's difference, the "
-           "official default), l2/l1/smoothl1 = their means; default dist for these methods (the paper's "
-           "objective), none for the others")
+           "official default), l2/l1/smoothl1 = their means; default auto for these methods: dist (the paper's "
+           "objective) where the two feature widths are equal, else none, said in one line; none for the others")
     a("--seed", type=int, default=DEFAULTS.seed, help="seed of initialisation, sampling and augmentation")
     a("--device", default=DEFAULTS.device,
       help="auto, cpu, cuda or cuda:N (under torchrun, cuda gives rank k the GPU cuda:LOCAL_RANK)")
@@ -111,7 +111,7 @@ def resumed_settings(saved: dict, given: dict) -> dict:
     return {**{k: saved[k] for k in SETTINGS if k in saved}, **given}
 
 
-NOT_SETTINGS = {"dataset_info"}  # what fastkd writes into config.json besides the settings
+NOT_SETTINGS = {"dataset_info", "feature_term"}  # what fastkd writes into config.json besides the settings
 
 
 def file_settings(path: str) -> dict:
