@@ -19,7 +19,7 @@ from .distributed import DataParallel, join, leave
 from .models import build_model
 from .models.features import ClassifierNotRun, FeatureTap, feature_term
 from .models.weights import load_teacher_weights
-from .outputs import check_tensorboard
+from .outputs import check_tensorboard, check_trace
 from .schedule import SELF_METHODS
 
 DEFAULTS = Config()
@@ -66,6 +66,7 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
         _check_resumable(cfg, state["config"])
     validate(cfg, zoo_models=[role for role, m in (("teacher", teacher), ("student", student))
                               if not isinstance(m, nn.Module)])
+    check_trace(trace)
     out = Path(out if out is not None else default_out(cfg.method))
     board = None if tensorboard in (None, False) else out / "tensorboard" if tensorboard is True else Path(tensorboard)
 

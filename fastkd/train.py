@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="official: the official code's settings and quirks (lr 0.01 constant, 80 epochs, feature loss dist with "
            "β 0.03, all three quirks)")
     a("--out", default=None, help="run directory (default runs/<time>-<method>)")
-    a("--trace", default=None, help="write one JSON line per optimizer step to this file")
+    a("--trace", default=None, help="write one JSON line per optimizer step to this file (its folder is created)")
     a("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
       help="also write every epoch record as TensorBoard scalars, into DIR (default: OUT/tensorboard)")
     a("--train-subset", type=int, default=None, metavar="N", help="train on a seeded subset of N training samples")
