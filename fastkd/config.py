@@ -118,6 +118,28 @@ def check_types(settings: dict) -> None:
             raise ValueError(f"{key} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
 
 
+def numbers_from_strings(settings: dict) -> dict:
+    """`settings` with each numeric setting given as a string parsed: YAML 1.1 (PyYAML) reads `1e-3` as a string.
+    ValueError naming the setting whose string is not a number (of an int setting: not a whole one)."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    parsed = dict(settings)
+    for key, value in settings.items():
+        default = fields[key].default
+        kinds = (type(default),) if default is not None else _OPTIONAL_TYPES.get(key, (str,))
+        if not isinstance(value, str) or kinds[0] not in (int, float):
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got {value!r}") from None
+        if int in kinds and float not in kinds:
+            if not number.is_integer():
+                raise ValueError(f"{key} must be a whole number, got {value!r}")
+            number = int(number)
+        parsed[key] = number
+    return parsed
+
+
 _OPTIONAL_TYPES = {"interval": (int, float), "train_subset": (int,), "precision": (str,), "teacher_weights": (str,),
                    "feature_loss": (str,)}
 

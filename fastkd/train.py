@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .api import DEFAULTS, SETTINGS, default_out, fit
 from .checkpoint import load_checkpoint
-from .config import PRESETS, with_legacy_settings
+from .config import PRESETS, check_types, numbers_from_strings, with_legacy_settings
 from .data import DATASETS
 from .distributed import rank_from_env
 from .engine import Interrupted
@@ -139,7 +139,13 @@ def file_settings(path: str) -> dict:
     unknown = sorted(set(data) - set(SETTINGS) - NOT_SETTINGS)
     if unknown:
         raise ValueError(f"--config {path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
-    return {k: v for k, v in data.items() if k in SETTINGS}
+    settings = {k: v for k, v in data.items() if k in SETTINGS}
+    try:
+        settings = numbers_from_strings(settings)
+        check_types(settings)
+    except ValueError as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    return settings
 
 
 def main(argv=None) -> int:
