@@ -177,3 +177,17 @@ def test_the_resume_check_leaves_auto_against_a_saved_term_to_the_models():
     assert api._check_resumed_feature_term(cfg, saved, "dist").feature_loss == "dist"
     with pytest.raises(ValueError, match="feature_loss"):
         api._check_resumed_feature_term(cfg, saved, "none")
+
+
+def test_a_study_folder_saved_before_auto_is_the_same_study_where_auto_runs_its_term(tmp_path):
+    from fastkd.config import Config
+    from fastkd.data.registry import load_synthetic
+    from fastkd.study import _check_same
+
+    cfg = Config(method="spaced", dataset="synthetic").resolve_defaults()  # tiny and tiny: equal widths
+    finished = {**cfg.to_dict(), "feature_loss": "dist", "dataset_info": load_synthetic().info.to_dict()}
+    _check_same(tmp_path, finished, cfg)
+    with pytest.raises(ValueError, match=r"other settings \(feature_loss\)"):
+        _check_same(tmp_path, {**finished, "feature_loss": "none"}, cfg)
+    # A checkpoint's settings (no dataset_info): fit(resume=True) compares the term once the models are built.
+    _check_same(tmp_path, {**cfg.to_dict(), "feature_loss": "dist"}, cfg)
