@@ -18,9 +18,9 @@ from .data import make_batches
 from .data.user import DatasetBatches, describe_dataset
 from .distributed import DataParallel, join, leave
 from .models import build_model
-from .models.features import ClassifierNotRun, FeatureTap, check_feature_widths
+from .models.features import ClassifierNotRun, FeatureTap, feature_term
 from .models.weights import load_teacher_weights
-from .outputs import BOARD, check_out_is_free, check_tensorboard, clear_run
+from .outputs import BOARD, check_out_is_free, check_tensorboard, check_trace, clear_run
 from .schedule import SELF_METHODS
 
 DEFAULTS = Config()
@@ -73,6 +73,7 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
                               if not isinstance(m, nn.Module)])
     if out is not None and not resume:  # on every rank, before any collective work
         check_out_is_free(Path(out), overwrite)
+    check_trace(trace)
 
     parallel, device = join(cfg.device)
     try:
@@ -80,11 +81,16 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
         if cfg.channels_last:
             batches.memory_format = torch.channels_last
         models = _models(cfg, teacher, student, batches.info)
+        not_run = ()
         if any(x is not None and not isinstance(x, str) for x in (teacher, student, train_data)):
-            num_classes = check_models(cfg.method, models, batches, device, features=cfg.feature_loss != "none")
+            num_classes, not_run = check_models(cfg.method, models, batches, device, features=cfg.feature_loss)
             batches.info = dataclasses.replace(batches.info, num_classes=num_classes)
-        if cfg.feature_loss != "none":
-            check_feature_widths(models, {"teacher": cfg.teacher, "student": cfg.student}, batches.info.num_classes)
+        term, said = feature_term(cfg.feature_loss, cfg.beta, models, {"teacher": cfg.teacher, "student": cfg.student},
+                                  batches.info.num_classes, not_run)
+        if state is not None:
+            cfg = _check_resumed_feature_term(cfg, state["config"], term)
+        if said and parallel.is_main:
+            print(said, flush=True)
         if out is None:  # made here, once the run is sure to start; only rank 0 makes it (the others never write)
             out = default_out(cfg.method, create=parallel.is_main)
         out = Path(out)
@@ -92,7 +98,8 @@ def fit(method: str = DEFAULTS.method, teacher: Union[nn.Module, str, None] = No
             clear_run(out)
         board = None if tensorboard in (None, False) else out / BOARD if tensorboard is True else Path(tensorboard)
         return engine.train(cfg, batches, models, out, device, parallel, trace_path=trace, quiet=quiet,
-                            resume=state, save_every=save_every, check_replay=check_replay, tensorboard=board)
+                            resume=state, save_every=save_every, check_replay=check_replay, tensorboard=board,
+                            feature_term=term)
     finally:
         leave(parallel)
 
@@ -158,11 +165,32 @@ def config_from_settings(settings: dict) -> Config:
 
 
 def _check_resumable(cfg: Config, saved: dict) -> None:
+    """Every setting but those that may change must equal the saved run's; `feature_loss` auto against a saved
+    explicit term waits for the models (_check_resumed_feature_term)."""
     saved = with_legacy_settings(saved)
-    differing = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
+    differing = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE
+                       and not (k == "feature_loss" and v == "auto"))
     if differing:
         raise ValueError(f"--resume: these settings differ from the saved run: {', '.join(differing)} "
                          f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
+
+
+def _check_resumed_feature_term(cfg: Config, saved: dict, term: str) -> Config:
+    """auto agrees with a saved term that it resolves to here (runs saved before auto was the default say dist or
+    none); the resumed run then keeps the saved setting, so its files say what the original run asked."""
+    saved_loss = with_legacy_settings(saved)["feature_loss"]
+    if cfg.feature_loss != "auto" or saved_loss == "auto":
+        return cfg
+    if saved_loss != term:
+        raise ValueError(f"--resume: these settings differ from the saved run: feature_loss (auto runs {term} "
+                         f"here, the saved run ran {saved_loss})")
+    return dataclasses.replace(cfg, feature_loss=saved_loss)
+
+
+def named_feature_term(cfg: Config, info) -> str:
+    """The feature term that cfg.feature_loss runs for the models cfg names, on a dataset that `info` describes."""
+    return feature_term(cfg.feature_loss, cfg.beta, _models(cfg, None, None, info), {"teacher": cfg.teacher, "student": cfg.student},
+                        info.num_classes)[0]
 
 
 def _batches(cfg: Config, train_data, test_data, device, parallel: DataParallel, num_workers: int):
@@ -200,22 +228,28 @@ def _models(cfg: Config, teacher, student, info) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def check_models(method: str, models: dict, batches, device, features: bool = False) -> int:
+def check_models(method: str, models: dict, batches, device, features: str = "none") -> tuple[int, tuple[str, ...]]:
     """Run every model once on the first training batch (eval mode, no grad: nothing changes) and check what it
-    returns against the method and the labels; returns the class count. One ValueError per problem. `features`: a
-    feature loss is on, and each forward must run the classifier whose input it reads."""
+    returns against the method and the labels; returns the class count and the roles whose last nn.Linear did not
+    run. One ValueError per problem. `features`: the --feature-loss asked; an explicit term needs each forward to
+    run the classifier whose input it reads (auto notes the roles where it did not)."""
     batch = next(iter(batches.stream([(0, 0)])))
     x, y = batch.x, batch.y
-    widths = {}
+    widths, not_run = {}, []
     for role, model in models.items():
         name = type(model).__name__
         was_training = model.training
         model.to(device).eval()
-        tap = FeatureTap(model, role) if features else None
+        explicit = features not in ("none", "auto")
+        tapped = explicit or (features == "auto" and any(isinstance(m, nn.Linear) for m in model.modules()))
+        tap = FeatureTap(model, role) if tapped else None
         try:
             out = tap(model, x)[0] if tap is not None else model(x)
         except ClassifierNotRun:
-            raise
+            if explicit:
+                raise
+            not_run.append(role)  # auto runs no feature term; the forward itself ran, and is checked below
+            out = model(x)
         except Exception as e:
             raise ValueError(f"{role} {name} failed on a batch of shape {tuple(x.shape)} from the training data: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -241,7 +275,7 @@ def check_models(method: str, models: dict, batches, device, features: bool = Fa
         raise ValueError(f"the models output {classes} classes but the first training batch holds label "
                          f"{int(y.max()) if int(y.max()) >= classes else int(y.min())}; the label count and the "
                          f"models' output width must match")
-    return classes
+    return classes, tuple(not_run)
 
 
 def _check_multi_exit(out, name: str, n: int) -> int:

@@ -9,7 +9,8 @@ from .schedule import DEFAULT_INTERVAL, METHODS, SELF_METHODS, TEACHER_METHODS
 
 # Paper defaults (Sun et al., ICML 2025): T=3, α=0.3, β=0.03, SGD momentum 0.9, weight decay 5e-4, batch 128.
 # β weighs a feature loss in every method: self KD's, and for the two-network methods the official code's
-# torch.dist between the pooled penultimate features (its -feature_loss default, passed by every run.sh command).
+# torch.dist between the pooled penultimate features (its -feature_loss default, passed by every run.sh command),
+# which fastkd's default `auto` runs wherever the two networks' feature widths are equal (the official pairs are).
 # The lr schedule is ours: lr 0.05 with per-step cosine decay to 0 over each optimizer's own number of steps.
 # 15 epochs of the thin ResNet-20 keep the default digits run well under a minute on 2 CPU cores (98% top-1);
 # image datasets default to the paper's ResNet-18.
@@ -36,7 +37,9 @@ class Config:
     temperature: float = 3.0
     alpha: float = 0.3
     beta: float = 0.03
-    feature_loss: Optional[str] = None  # two-network methods: none, dist, l2, l1, smoothl1; None: dist for them
+    # Two-network methods: auto, none, dist, l2, l1, smoothl1; None: auto for them, none for the others. auto is
+    # dist where the two networks' feature widths are equal, else none (fastkd.models.features.feature_term).
+    feature_loss: Optional[str] = None
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -55,7 +58,9 @@ class Config:
         exactly what ran."""
         default_model = DEFAULT_MODELS.get(self.dataset, "resnet18")
         precision = self.precision or default_precision(self.device)
-        feature_loss = self.feature_loss or ("dist" if self.method in TEACHER_METHODS else "none")
+        feature_loss = self.feature_loss or "auto"
+        if self.method not in TEACHER_METHODS and feature_loss == "auto":
+            feature_loss = "none"  # no teacher, no two-network term
         return dataclasses.replace(self, teacher=self.teacher or default_model, student=self.student or default_model,
                                    precision=precision, feature_loss=feature_loss)
 
@@ -113,6 +118,28 @@ def check_types(settings: dict) -> None:
             raise ValueError(f"{key} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
 
 
+def numbers_from_strings(settings: dict) -> dict:
+    """`settings` with each numeric setting given as a string parsed: YAML 1.1 (PyYAML) reads `1e-3` as a string.
+    ValueError naming the setting whose string is not a number (of an int setting: not a whole one)."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    parsed = dict(settings)
+    for key, value in settings.items():
+        default = fields[key].default
+        kinds = (type(default),) if default is not None else _OPTIONAL_TYPES.get(key, (str,))
+        if not isinstance(value, str) or kinds[0] not in (int, float):
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got {value!r}") from None
+        if int in kinds and float not in kinds:
+            if not number.is_integer():
+                raise ValueError(f"{key} must be a whole number, got {value!r}")
+            number = int(number)
+        parsed[key] = number
+    return parsed
+
+
 _OPTIONAL_TYPES = {"interval": (int, float), "train_subset": (int,), "precision": (str,), "teacher_weights": (str,),
                    "feature_loss": (str,)}
 
@@ -168,9 +195,9 @@ def check_feature_loss(name: Optional[str], method: str) -> None:
     """The two-network feature term needs a teacher; the self methods have their own feature loss (weighted by β)."""
     from .updates import FEATURE_LOSSES
 
-    if name is not None and name not in ("none", *FEATURE_LOSSES):
-        raise ValueError(f"--feature-loss must be none, {', '.join(FEATURE_LOSSES)}; got {name!r}")
-    if name not in (None, "none") and method not in TEACHER_METHODS:
+    if name is not None and name not in ("auto", "none", *FEATURE_LOSSES):
+        raise ValueError(f"--feature-loss must be auto, none, {', '.join(FEATURE_LOSSES)}; got {name!r}")
+    if name not in (None, "auto", "none") and method not in TEACHER_METHODS:
         own = " (its own feature loss between heads is always on, weighted by --beta)" if method in SELF_METHODS else ""
         raise ValueError(f"--feature-loss {name} needs a method with a teacher ({', '.join(TEACHER_METHODS)}), "
                          f"not --method {method}{own}")

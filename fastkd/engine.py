@@ -31,19 +31,24 @@ from .updates import LossSettings, Updates
 def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, device: torch.device,
           parallel: DataParallel = SINGLE_PROCESS, trace_path: Optional[str] = None, quiet: bool = False,
           resume: Optional[dict] = None, save_every: Optional[int] = None, check_replay: bool = False,
-          tensorboard: Optional[Path] = None) -> dict:
+          tensorboard: Optional[Path] = None, feature_term: Optional[str] = None) -> dict:
     """Train `models` ({"teacher", "student"}, or {"student"} for baseline and self methods) on `batches` as `cfg`
-    says, into `out_dir`; returns the run's summary. `resume`: a checkpoint to continue from exactly."""
+    says, into `out_dir`; returns the run's summary. `resume`: a checkpoint to continue from exactly.
+    `feature_term`: the feature loss that runs where cfg.feature_loss is auto (fastkd.models.features.feature_term);
+    None: cfg.feature_loss itself."""
+    feature_term = feature_term or cfg.feature_loss
+    if feature_term == "auto":
+        raise ValueError("engine.train needs the feature term that --feature-loss auto resolved to (feature_term=)")
     per_epoch = batches.batches_per_epoch
     plan = list(plan_steps(cfg.method, cfg.epochs, per_epoch, cfg.resolved_interval(),
                            replay_leftover=not cfg.no_final_replay, train_teacher=not cfg.teacher_frozen()))
     run_dir = RunDirectory(out_dir, truncate_metrics_to=resume["metrics_bytes"] if resume else None,
                            writer=parallel.is_main, tensorboard=tensorboard)
-    run_dir.write_config(cfg.to_dict(), batches.info)
+    run_dir.write_config(cfg.to_dict(), batches.info, feature_term)
     trace = Trace(trace_path if parallel.is_main else None, truncate_to=resume.get("trace_bytes") if resume else None)
     parallel = parallel.for_steps(cfg.compile)
     roles = build_roles(cfg, models, plan, device, parallel)
-    updates = Updates(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities, cfg.feature_loss),
+    updates = Updates(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities, feature_term),
                       cfg.compile, device, parallel=parallel, precision=cfg.precision)
     test_forward = TestForward(AUTOCAST_DTYPES[cfg.precision], cfg.compile)
     if cfg.compile and parallel.is_main:
@@ -52,7 +57,7 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
 
     networks = {name: role.model for name, role in _networks(roles).items()}
     # The feature taps stay on until the last evaluation: a compiled evaluation guards on the hooks.
-    with StopSignals() as stop, feature_taps(networks, on=cfg.feature_loss != "none") as taps:
+    with StopSignals() as stop, feature_taps(networks, on=feature_term != "none") as taps:
         losses = {name: RunningMean(device) for name in {step.role for step in plan}}
         accuracy, images, first = {}, 0, 0
         if resume:

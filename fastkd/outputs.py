@@ -78,9 +78,10 @@ class RunDirectory:
                     _board_scalars(self.board, json.loads(line), flush=False)
                 self.board.flush()
 
-    def write_config(self, config: dict, info) -> None:
+    def write_config(self, config: dict, info, feature_term: str) -> None:
+        """The settings as asked, then what they resolved to: the dataset and the feature term that runs."""
         if self.writer:
-            record = {**config, "dataset_info": info.to_dict()}
+            record = {**config, "dataset_info": info.to_dict(), "feature_term": feature_term}
             (self.path / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def log(self, record: dict) -> None:
@@ -128,10 +129,29 @@ def _board_scalars(board, record: dict, flush: bool = True) -> None:
         board.flush()
 
 
+def check_trace(path: Optional[str]) -> None:
+    """Raise ValueError naming --trace where its file could not be written; creates nothing (Trace creates the
+    missing folders, as RunDirectory does --out's, when the run starts)."""
+    if not path:
+        return
+    file = Path(path)
+    existing = file.parent
+    while not existing.exists():  # the nearest folder that exists: the missing ones below it will be created
+        existing = existing.parent
+    if file.is_dir():
+        raise ValueError(f"--trace {path} is a folder; give a file name")
+    if not existing.is_dir():
+        raise ValueError(f"--trace {path} is not writable: {existing} is not a folder")
+    if not os.access(file if file.exists() else existing, os.W_OK):
+        raise ValueError(f"--trace {path} is not writable: {file if file.exists() else existing} is read-only")
+
+
 class Trace:
     """--trace: one JSON line per optimizer step, exactly as the schedule ran it."""
 
     def __init__(self, path: Optional[str], truncate_to: Optional[int] = None):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)  # checked writable by fit (check_trace)
         if path and truncate_to is not None and Path(path).exists():  # resuming: continue after the checkpoint
             self.file = open(path, "a")
             self.file.truncate(truncate_to)

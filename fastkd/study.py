@@ -22,8 +22,8 @@ from .analysis import (hutchinson_trace, loss_profile, mean_std, paired_differen
 from .analysis.plot import BarChart, Line, LineChart, save_figure
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import Config, preset_settings, validate, with_legacy_settings
-from .data import make_batches
-from .api import fit
+from .data import DatasetInfo, make_batches
+from .api import fit, named_feature_term
 from .distributed import SINGLE_PROCESS
 from .engine import Interrupted
 from .models import build_model
@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     t("--temperature", type=float, default=DEFAULTS.temperature)
     t("--alpha", type=float, default=DEFAULTS.alpha)
     t("--beta", type=float, default=DEFAULTS.beta)
-    t("--feature-loss", choices=("none", *FEATURE_LOSSES), default=None,
-      help="the two-network methods' feature term (default: dist for online, spaced and offline)")
+    t("--feature-loss", choices=("auto", "none", *FEATURE_LOSSES), default=None,
+      help="the two-network methods' feature term (default: auto for online, spaced and offline: dist where the "
+           "teacher's and the student's feature widths are equal, else none)")
     t("--device", default=DEFAULTS.device)
     t("--compile", action="store_true")
     flat = p.add_argument_group("flatness of each final student (training loss, eval mode)")
@@ -187,7 +188,13 @@ def _trained(run_dir: Path) -> bool:
 
 
 def _check_same(run_dir: Path, saved: dict, cfg: Config) -> None:
+    """`saved`: a run's config.json, or its checkpoint's settings (resumed by fit, which checks the feature term)."""
     saved = with_legacy_settings(saved)
+    if cfg.feature_loss == "auto" and saved["feature_loss"] != "auto":  # a run saved before auto was the default
+        if "dataset_info" not in saved:
+            saved = {**saved, "feature_loss": "auto"}  # fit(resume=True) compares what auto runs with it
+        elif named_feature_term(cfg, DatasetInfo(**saved["dataset_info"])) == saved["feature_loss"]:
+            saved = {**saved, "feature_loss": "auto"}
     differing = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v)
     if differing:
         raise ValueError(f"--out: {run_dir} was trained with other settings ({', '.join(differing)}); "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .api import DEFAULTS, SETTINGS, default_out, fit
 from .checkpoint import load_checkpoint
-from .config import PRESETS, with_legacy_settings
+from .config import PRESETS, check_types, numbers_from_strings, with_legacy_settings
 from .data import DATASETS
 from .distributed import rank_from_env
 from .engine import Interrupted
@@ -57,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--beta", type=float, default=DEFAULTS.beta,
       help="feature-loss weight β: of --feature-loss for online, spaced and offline; of the heads' feature loss for "
            "self and spaced-self")
-    a("--feature-loss", choices=("none", *FEATURE_LOSSES), default=None,
+    a("--feature-loss", choices=("auto", "none", *FEATURE_LOSSES), default=None,
       help="online, spaced, offline: the student's loss gains β·feature between the two networks' pooled "
            "penultimate features (equal widths): dist = torch.dist (2-norm of the whole batch's difference, the "
-           "official default), l2/l1/smoothl1 = their means; default dist for these methods (the paper's "
-           "objective), none for the others")
+           "official default), l2/l1/smoothl1 = their means; default auto for these methods: dist (the paper's "
+           "objective) where the two feature widths are equal, else none, said in one line; none for the others")
     a("--seed", type=int, default=DEFAULTS.seed, help="seed of initialisation, sampling and augmentation")
     a("--device", default=DEFAULTS.device,
       help="auto, cpu, cuda or cuda:N (under torchrun, cuda gives rank k the GPU cuda:LOCAL_RANK)")
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true",
       help="start afresh in an --out that holds a run: its run files (config.json, metrics.jsonl, *.pt, "
            "tensorboard/) are removed first, other files kept")
-    a("--trace", default=None, help="write one JSON line per optimizer step to this file")
+    a("--trace", default=None, help="write one JSON line per optimizer step to this file (its folder is created)")
     a("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
       help="also write every epoch record as TensorBoard scalars, into DIR (default: OUT/tensorboard)")
     a("--train-subset", type=int, default=None, metavar="N", help="train on a seeded subset of N training samples")
@@ -116,7 +116,7 @@ def resumed_settings(saved: dict, given: dict) -> dict:
     return {**{k: saved[k] for k in SETTINGS if k in saved}, **given}
 
 
-NOT_SETTINGS = {"dataset_info"}  # what fastkd writes into config.json besides the settings
+NOT_SETTINGS = {"dataset_info", "feature_term"}  # what fastkd writes into config.json besides the settings
 
 
 def file_settings(path: str) -> dict:
@@ -144,7 +144,13 @@ def file_settings(path: str) -> dict:
     unknown = sorted(set(data) - set(SETTINGS) - NOT_SETTINGS)
     if unknown:
         raise ValueError(f"--config {path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
-    return {k: v for k, v in data.items() if k in SETTINGS}
+    settings = {k: v for k, v in data.items() if k in SETTINGS}
+    try:
+        settings = numbers_from_strings(settings)
+        check_types(settings)
+    except ValueError as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    return settings
 
 
 def main(argv=None) -> int:

@@ -172,7 +172,7 @@ def test_library_models_expose_the_input_of_their_classifier(name, feature):
     assert torch.equal(logits, model(x)) and torch.allclose(features, feature(model, x), rtol=0, atol=1e-6)
 
 
-def test_a_model_whose_last_linear_is_not_its_classifier_is_one_error_before_anything_is_written(tmp_path):
+def test_an_explicit_term_with_a_model_whose_last_linear_is_not_its_classifier_is_one_error(tmp_path):
     class Odd(nn.Module):  # an extra head registered after the classifier and never run
         def __init__(self):
             super().__init__()
@@ -194,14 +194,14 @@ def test_a_model_whose_last_linear_is_not_its_classifier_is_one_error_before_any
     data = Digits()
     with pytest.raises(ValueError, match="last nn.Linear did not run"):
         fastkd.fit("spaced", teacher=Odd(), student=Odd(), train_data=data, test_data=data, epochs=1, batch_size=32,
-                   out=tmp_path / "run", quiet=True, num_workers=0)
+                   feature_loss="dist", out=tmp_path / "run", quiet=True, num_workers=0)
     assert not (tmp_path / "run").exists()
 
 
-def test_width_mismatch_is_one_line_naming_both_widths_and_nothing_is_written(tmp_path, capsys):
+def test_explicit_dist_with_a_width_mismatch_is_one_line_naming_both_widths_and_nothing_is_written(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["--method", "spaced", "--dataset", "synthetic", "--teacher", "resnet18", "--student", "resnet20",
-                 "--out", str(out), "--quiet"])
+                 "--feature-loss", "dist", "--out", str(out), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "resnet18 has width 512" in err and "resnet20 width 64" in err and "--feature-loss none" in err, err
@@ -212,7 +212,7 @@ def test_defaults_preset_and_methods_without_a_teacher():
     from fastkd.api import config_from_settings
 
     for method in ("online", "spaced", "offline"):
-        assert config_from_settings({"method": method}).feature_loss == "dist"  # the paper's objective
+        assert config_from_settings({"method": method}).feature_loss == "auto"  # dist (the paper's) at equal widths
         official = config_from_settings({"method": method, "preset": "official", "beta": 0.1})
         assert (official.feature_loss, official.beta) == ("dist", 0.1)  # an explicit flag wins over the preset
     for method in ("baseline", "self", "spaced-self"):
@@ -227,4 +227,6 @@ def test_runs_saved_before_the_feature_term_resume_as_runs_without_it():
     saved = {k: v for k, v in Config(feature_loss="none").resolve_defaults().to_dict().items() if k != "feature_loss"}
     api._check_resumable(Config(feature_loss="none").resolve_defaults(), saved)
     with pytest.raises(ValueError, match="differ from the saved run: feature_loss"):
-        api._check_resumable(Config().resolve_defaults(), saved)
+        api._check_resumable(Config(feature_loss="dist").resolve_defaults(), saved)
+    with pytest.raises(ValueError, match="differ from the saved run: feature_loss"):  # auto at equal widths: dist
+        api._check_resumed_feature_term(Config().resolve_defaults(), saved, "dist")

@@ -36,7 +36,7 @@ def readme_run(tmp_path_factory):
 
 def test_readme_example_runs_as_written(readme_run):
     runs, proc = readme_run
-    assert proc.stdout.startswith("teacher ") and "student " in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("teacher ") and "student " in proc.stdout
     summary = json.loads((runs / "digits-spaced" / "metrics.jsonl").read_text().splitlines()[-1])["summary"]
     assert summary["steps"] == 2 * EPOCHS * PER_EPOCH
     config = json.loads((runs / "digits-spaced" / "config.json").read_text())
@@ -72,7 +72,7 @@ def test_readme_example_killed_in_a_replay_and_resumed_is_bit_identical(readme_r
     runs, _ = readme_run
     # Steps 69–102 advance, 103–136 replay them: killed inside that replay, resumed from the boundary at 102.
     resumed = example("kill:120", tmp_path)  # killed in a forked child, then resumed
-    assert resumed.returncode == 0 and resumed.stdout.startswith("killed\n"), resumed.stderr[-3000:]
+    assert resumed.returncode == 0 and "killed\n" in resumed.stdout, resumed.stderr[-3000:]
     mine, full = tmp_path / "runs", runs
     assert (mine / "digits-spaced.trace").read_text() == (full / "digits-spaced.trace").read_text()
     for name in ("teacher", "student"):

@@ -149,8 +149,9 @@ BAD = [
     (["--method", "baseline", "--feature-loss", "dist"], "--feature-loss"),
     (["--method", "spaced-self", "--feature-loss", "l2"], "--feature-loss"),
     (["--feature-loss", "cosine"], "--feature-loss"),
-    (["--teacher", "resnet18", "--student", "resnet20"], "--feature-loss"),  # pooled feature widths 512 and 64
-    (["--method", "online", "--teacher", "mobilenetv2", "--student", "vit-tiny"], "--feature-loss"),  # 1280, 192
+    (["--teacher", "resnet18", "--student", "resnet20", "--feature-loss", "dist"], "--feature-loss"),  # widths 512, 64
+    (["--method", "online", "--teacher", "mobilenetv2", "--student", "vit-tiny", "--feature-loss", "dist"],
+     "--feature-loss"),  # 1280, 192
 ]
 
 
@@ -202,7 +203,7 @@ def test_a_yaml_config_sets_flags_and_a_flag_given_overrides_it(tmp_path):
 
 @pytest.mark.parametrize("content,message", [("{\"epochs\": 2, \"lerning_rate\": 0.1}", "unknown setting lerning_rate"),
                                              ("{\"epochs\": ", "not valid JSON"), ("[1, 2]", "mapping"),
-                                             ("{\"epochs\": \"two\"}", "epochs must be int")])
+                                             ("{\"epochs\": \"two\"}", "epochs must be a number")])
 def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, message):
     config = tmp_path / "bad.json"
     config.write_text(content)

@@ -5,9 +5,11 @@ torchvision's `fc` / `classifier[-1]` / `heads.head`, timm's head): a forward pr
 So any model, the zoo's, a library's or a user's, exposes it without a second forward and without a change to its
 forward, its output or its state dict; the hook records only inside `FeatureTap.__call__`, so every other caller
 (evaluation, analysis, the user) gets the plain forward.
+
+`--feature-loss auto` (the default of the two-network methods) runs the term only where it can: `feature_term`.
 """
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 from torch import Tensor, nn
 
@@ -80,3 +82,38 @@ def check_feature_widths(models: dict[str, nn.Module], names: dict[str, str], nu
         raise ValueError(f"--feature-loss compares pooled penultimate features of equal width, but the teacher "
                          f"{names['teacher']} has width {widths['teacher']} and the student {names['student']} "
                          f"width {widths['student']}: choose networks of equal width, or --feature-loss none")
+
+
+AUTO = "fastkd: --feature-loss auto: "
+
+
+def feature_term(asked: str, beta: float, models: dict[str, nn.Module], names: dict[str, str], num_classes: int,
+                 not_run: tuple[str, ...] = ()) -> tuple[str, Optional[str]]:
+    """The two-network feature term that runs for --feature-loss `asked`, and for `auto` the one line that says which
+    and why. auto: dist where the teacher's and the student's features have equal widths, else none; a classifier
+    that cannot be told (`not_run`: the roles whose last nn.Linear did not run in their forward) means none too. An
+    explicit term whose features cannot be compared is one ValueError, as check_feature_widths says."""
+    if asked != "auto":
+        if asked != "none":
+            check_feature_widths(models, names, num_classes)
+        return asked, None
+    for role in ("teacher", "student"):
+        reason = (f"the {role} {names[role]}'s last nn.Linear did not run in its forward" if role in not_run
+                  else _undetectable(models[role], f"{role} {names[role]}", num_classes))
+        if reason:
+            return "none", f"{AUTO}{reason} (its classifier is not detectable), no feature term"
+    teacher, student = (classifier_of(models[role], role).in_features for role in ("teacher", "student"))
+    if teacher != student:
+        return "none", f"{AUTO}teacher width {teacher} and student width {student} differ, no feature term"
+    return "dist", f"{AUTO}equal widths {teacher}: dist (β {beta:g})"
+
+
+def _undetectable(model: nn.Module, who: str, num_classes: int) -> Optional[str]:
+    """Why the last nn.Linear of `model` is not taken for its classifier, or None where it is."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return f"the {who} has no nn.Linear"
+    if linears[-1].out_features != num_classes:
+        return (f"the {who}'s last nn.Linear ({linears[-1].in_features} → {linears[-1].out_features}) does not "
+                f"output the {num_classes} classes")
+    return None
