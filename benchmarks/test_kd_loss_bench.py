@@ -3,6 +3,7 @@
 Every case records its useful bytes (read s + read t + write ∂s) and, on CUDA, the peak memory beyond its inputs,
 so that `python benchmarks/report.py results.json` can print bandwidth and ratios from one run.
 Set FASTKD_BENCH_LARGE=1 on a GPU for the LLM-vocabulary shapes (16384 × 32000 and 16384 × 128256 in bf16).
+FASTKD_BENCH_REHEARSE=1 (the GPU check's rehearsal) runs one small CPU shape: the plumbing, not the numbers.
 On a GPU where Liger-Kernel imports, it is a provider too (benchmarks/gpu_check.sh installs it from a carried wheel).
 """
 import os
@@ -20,6 +21,8 @@ if CUDA:
     SHAPES = [(128, 200, torch.float32), (1024, 1000, torch.float32), (4096, 32000, torch.bfloat16)]
     if os.environ.get("FASTKD_BENCH_LARGE") == "1":
         SHAPES += [(16384, 32000, torch.bfloat16), (16384, 128256, torch.bfloat16)]
+elif os.environ.get("FASTKD_BENCH_REHEARSE") == "1":
+    SHAPES = [(128, 200, torch.float32)]
 else:
     # CPU sizes chosen so the whole file finishes in a few minutes on 2 cores.
     SHAPES = [(128, 200, torch.float32), (1024, 1000, torch.float32), (256, 32000, torch.float32)]
