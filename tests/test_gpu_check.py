@@ -3,6 +3,8 @@ that kill the whole process group, --only / --from, skips for missing packages; 
 errors, which fail a case instead of skipping it. The real steps run in CI as `gpu_check.sh --rehearse`."""
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -131,6 +133,26 @@ def test_the_pytest_skips_of_a_step_are_listed_under_could_not_run(tmp_path, mon
 def test_the_steps_fit_one_600_s_device_call_with_a_minute_to_spare():
     assert sum(step.gpu_s for step in gpu_check.STEPS) <= 540
     assert gpu_check.STEPS[0].name == "preflight" and gpu_check.STEPS[1].name == "warm"
+
+
+def test_where_pip_cannot_install_fastkd_it_is_imported_from_a_path_shim(tmp_path):
+    failing_pip = [sys.executable, "-c", "raise SystemExit(1)"]
+    assert load("install").main(tmp_path, failing_pip) == 0
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fastkd-path"))
+    proc = subprocess.run([sys.executable, "-c", "import fastkd.kernels.kd_loss as k; print(k.__file__)"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "fastkd-path" / "fastkd" / "kernels" / "kd_loss.py")
+
+
+def test_every_step_after_the_shim_is_laid_out_imports_from_it_and_the_summary_says_so(tmp_path, monkeypatch):
+    make_shim = "import pathlib; pathlib.Path(r'%s').mkdir(); pathlib.Path(r'%s').write_text('')" % (
+        tmp_path / "fastkd-path", tmp_path / "fastkd-path" / "shimmed_probe.py")
+    steps = [Step("preflight", 10, 60, [py(make_shim), py("import shimmed_probe")]),
+             Step("after", 10, 60, [py("import shimmed_probe")])]
+    code, records = run(tmp_path, monkeypatch, steps)
+    assert code == 0 and [r["status"] for r in records] == ["ok", "ok"]
+    assert "pip could not install fastkd" in (tmp_path / "summary.md").read_text()
 
 
 class Benchmark:
