@@ -87,8 +87,11 @@ STEPS = [
     Step("overhead-bench", 20, 300, [bench("overhead_bench", "benchmarks/test_engine_overhead_bench.py")]),
     # torch DataLoader, and DALI where it imports.
     Step("loader-bench", 15, 300, [bench("loader_bench", "benchmarks/test_loader_bench.py")]),
-    # The compiled 1-GPU torchrun run: DDP over NCCL (gloo on CPU), in-graph all-reduce.
-    Step("torchrun-smoke", 40, 600, [[PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+    # The compiled 1-GPU torchrun run: DDP over NCCL (gloo on CPU), in-graph all-reduce; into a fresh folder, since
+    # fastkd.train refuses one that holds a run (an --only call that repeats the step).
+    Step("torchrun-smoke", 40, 600, [[PY, "-c", "import shutil, sys; shutil.rmtree(sys.argv[1], ignore_errors=True)",
+                                      "{out}/torchrun-smoke"],
+                                     [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                                       "-m", "fastkd.train", "--method", "spaced", "--compile", "--dataset",
                                       "synthetic", "--epochs", "1", "--batch-size", "64", "--quiet",
                                       "--out", "{out}/torchrun-smoke"]]),
@@ -119,6 +122,13 @@ def select(steps: list, only: str | None, start: str | None) -> list:
     if only:
         return [s for s in steps if s.name in wanted]
     return steps[names.index(start):] if start else list(steps)
+
+
+def brief(argv: list) -> str:
+    """A command as the summary shows it: pytest's fixed options and the interpreter's path left out."""
+    words = ["pytest", *argv[len(PYTEST):]] if argv[:len(PYTEST)] == PYTEST else ["python", *argv[1:]]
+    text = " ".join(words)
+    return text if len(text) <= 90 else text[:89] + "…"
 
 
 def cpu_seconds() -> float:
@@ -157,11 +167,11 @@ def run_step(step: Step, out: Path, rehearse: bool, missing: set, env: dict) -> 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                status, reason = "timeout", f"over its limit of {limit} s in `{' '.join(argv[1:4])} …`"
+                status, reason = "timeout", f"over its limit of {limit} s in `{brief(argv)}`"
                 break
             if rc != 0:
                 status = "failed"
-                reason = f"exit status {rc} of `{' '.join(argv[1:4])} …`" + (" (no tests ran)" if rc == 5 else "")
+                reason = f"exit status {rc} of `{brief(argv)}`" + (" (no tests ran)" if rc == 5 else "")
                 if rc == CORE_MISSING and step.name == "preflight":
                     reason = "a core package is missing (see its log): the check stops"
                 break
