@@ -32,9 +32,12 @@ def machine() -> str:
     versions = f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}"
     if not torch.cuda.is_available():
         return f"no CUDA device; {versions}"
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True)
-    gpu = smi.stdout.strip() or torch.cuda.get_device_name()
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:  # no nvidia-smi on the PATH: torch still names the device
+        smi = ""
+    gpu = smi or torch.cuda.get_device_name()
     return f"{gpu}; CUDA {torch.version.cuda}; {versions}"
 
 
@@ -48,8 +51,9 @@ def main(out: Path) -> int:
     for name in missing:
         print(f"missing optional package {name}")
     (out / "packages.json").write_text(json.dumps({"missing_optional": missing}) + "\n")
-    (out / "machine.txt").write_text(machine() + "\n")
-    print(machine())
+    description = machine()
+    (out / "machine.txt").write_text(description + "\n")
+    print(description)
     import fastkd
 
     broken = [(m.name, error) for m in pkgutil.walk_packages(fastkd.__path__, "fastkd.")
