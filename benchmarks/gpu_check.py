@@ -198,9 +198,13 @@ def tables(out: Path) -> str:
     for name in ("kd_loss_bench", "kd_loss_linear_bench", "step_bench", "overhead_bench", "loader_bench"):
         path = out / f"{name}.json"
         if path.exists():
-            with contextlib.redirect_stdout(text):
-                report.main(str(path))
-            text.write("\n")
+            table = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(table):
+                    report.main(str(path))
+            except (ValueError, KeyError, TypeError) as error:  # a file cut short by a killed step, say
+                table = io.StringIO(f"{path.name} could not be read ({type(error).__name__}: {error})\n")
+            text.write(table.getvalue() + "\n")
     return text.getvalue()
 
 

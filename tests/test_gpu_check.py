@@ -130,6 +130,15 @@ def test_the_pytest_skips_of_a_step_are_listed_under_could_not_run(tmp_path, mon
     assert "- tier: skipped [3] tests/test_gpu.py:29: needs a CUDA GPU" in (tmp_path / "summary.md").read_text()
 
 
+def test_a_benchmark_file_cut_short_by_a_killed_step_is_named_in_the_summary_and_the_check_goes_on(
+        tmp_path, monkeypatch):
+    steps = [Step("killed", 10, 60, [py("open(r'%s', 'w').close()" % (tmp_path / "step_bench.json"))]),
+             Step("after", 10, 60, [py("pass")])]
+    code, records = run(tmp_path, monkeypatch, steps)
+    assert code == 0 and [r["step"] for r in records] == ["killed", "after"]
+    assert "step_bench.json could not be read (JSONDecodeError" in (tmp_path / "summary.md").read_text()
+
+
 def test_the_steps_fit_one_600_s_device_call_with_a_minute_to_spare():
     assert sum(step.gpu_s for step in gpu_check.STEPS) <= 540
     assert gpu_check.STEPS[0].name == "preflight" and gpu_check.STEPS[1].name == "warm"
