@@ -1,7 +1,8 @@
 """Training-loader throughput at Tiny-ImageNet's shape (64×64 JPEGs, 200 classes): DALI vs torchvision DataLoader.
 
 On CPU a synthetic Tiny-ImageNet folder of a few thousand real JPEG files is written once per session; set
-FASTKD_TINY_IMAGENET=/path to measure on a real one. On a GPU the DALI pipeline decodes with nvJPEG (mixed).
+FASTKD_TINY_IMAGENET=/path to measure on a real one (one image a class, one batch an epoch, with
+FASTKD_BENCH_REHEARSE=1: the GPU check's rehearsal). On a GPU the DALI pipeline decodes with nvJPEG (mixed).
 """
 import os
 
@@ -22,7 +23,8 @@ LOADERS = (["dali"] if dali_available() else []) + ["torch"]
 def tiny_imagenet(tmp_path_factory):
     if os.environ.get("FASTKD_TINY_IMAGENET"):
         return os.environ["FASTKD_TINY_IMAGENET"]
-    return str(write(tmp_path_factory.mktemp("bench") / "tiny", "tiny-imagenet", num_classes=200, per_class=15,
+    per_class = 1 if os.environ.get("FASTKD_BENCH_REHEARSE") == "1" else 15
+    return str(write(tmp_path_factory.mktemp("bench") / "tiny", "tiny-imagenet", num_classes=200, per_class=per_class,
                      val_per_class=1))
 
 

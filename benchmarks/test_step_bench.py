@@ -1,7 +1,8 @@
 """Training-step throughput of spaced KD: one teacher-advance step plus one student replay step per round.
 
 Eager vs whole-step torch.compile, plus CUDA graphs on a GPU. On a GPU the shape is Tiny-ImageNet's (ResNet-18,
-3×64×64, 200 classes, batch 128); on CPU a small model and batch so that the file finishes in minutes.
+3×64×64, 200 classes, batch 128); on CPU a small model and batch so that the file finishes in minutes (batch 8 with
+FASTKD_BENCH_REHEARSE=1, the GPU check's rehearsal).
 """
 import os
 
@@ -16,7 +17,8 @@ from fastkd.updates import LossSettings, Updates
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 INFO = DatasetInfo("tiny-imagenet-shape", 200, 3, 64, 100_000, 10_000, crop_padding=4, flip=True)
-MODEL, BATCH = ("resnet18", 128) if CUDA else ("tiny", 32)
+REHEARSE = os.environ.get("FASTKD_BENCH_REHEARSE") == "1"
+MODEL, BATCH = ("resnet18", 128) if CUDA else ("tiny", 8 if REHEARSE else 32)
 # (how the step runs, precision, memory format). On a GPU: the ladder from the float32 eager step to bf16
 # channels-last compiled with CUDA graphs, one change at a time (two compiles, inside gpu_check.sh's budget).
 if CUDA:
