@@ -25,7 +25,10 @@ def live_tensor_bytes() -> int:
         kind = type(o)
         if issubclass(kind, torch.Tensor) and o.layout == torch.strided and o.device.type != "meta":
             storage = o.untyped_storage()
-            key, size = (o.device.type, storage.data_ptr()), storage.nbytes()
+            try:
+                key, size = (o.device.type, storage.data_ptr()), storage.nbytes()
+            except RuntimeError:  # a fake tensor left over from a compile earlier in the process: no memory
+                continue
         elif issubclass(kind, np.ndarray) and o.base is None:
             key, size = ("cpu", o.__array_interface__["data"][0]), o.nbytes
         else:
