@@ -1,4 +1,5 @@
-"""The fused KD loss against an independent float64 reference, on fresh random inputs every run."""
+"""The fused KD loss against an independent float64 reference, on random inputs drawn afresh for each test (seeded
+from the test's id by conftest.py, so every run draws the same ones)."""
 import math
 
 import pytest
@@ -47,9 +48,10 @@ def stream_path(monkeypatch):
     monkeypatch.setattr(tk, "STREAM_BLOCK", 64)
 
 
-def check(s, t, y, reduction="sum", backend="triton", grad_weights=None, **kw):
+def check(s, t, y, reduction="sum", backend="triton", grad_weights=None, grad_tol=None, **kw):
     """Run kd_loss with backward and compare loss and gradient with the float64 reference."""
-    loss_rtol, grad_tol = TOL[s.dtype]
+    loss_rtol, dtype_grad_tol = TOL[s.dtype]
+    grad_tol = dtype_grad_tol if grad_tol is None else grad_tol
     s_in = s.clone().requires_grad_()
     out = kd_loss(s_in, t, y, temperature=kw.get("temperature", T), alpha=kw.get("alpha", ALPHA),
                   ignore_index=IGNORE, reduction=reduction, backend=backend)
@@ -138,7 +140,11 @@ def test_extreme_logits_and_masked_classes(request, path):
     masked[3] = False
     s[:, masked] = -math.inf
     t[:, masked] = -math.inf
-    out, grad = check(s, t, y)
+    # The kernel divides by T in float32: each quotient is off by up to 2^-24 of |x|/T, so each probability (and its
+    # normaliser) by a relative 2·2^-24·max|x|/T, for the student and the teacher: at |x| ~ 4e4 that is ~1e-3 of the
+    # largest gradient entry, far above the 1e-5 that holds at ordinary scales.
+    largest = max(s[s.isfinite()].abs().max().item(), t[t.isfinite()].abs().max().item())
+    out, grad = check(s, t, y, grad_tol=TOL[torch.float32][1] + 4 * 2**-24 * largest / T)
     assert torch.isfinite(out)
     assert torch.all(grad[:, masked] == 0)
 
