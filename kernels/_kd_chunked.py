@@ -22,8 +22,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ._kd_common import (DTYPES, OPTIONS_SCHEMA, KDOptions, check_backend_for_device, check_options,
-                         check_target_tensor, kd_loss_reference, reduce_rows, reduction_scale, result_dtype, scaled)
+from ._kd_common import (DTYPES, OPTIONS_SCHEMA, KDOptions, check_backend_for_device, check_options, kd_loss_reference,
+                         reduce_rows, reduction_scale, result_dtype, scaled, validate_target)
 from ._kd_ops import CHUNK_KERNELS
 
 __all__ = ["kd_loss_linear", "kd_loss_sparse", "KDLinearLoss", "auto_chunk_size"]
@@ -364,8 +364,8 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
     The teacher is exactly one of: `teacher_logits` (N, V); `teacher_hidden` (N, Ht) with `teacher_weight` (V, Ht)
     and optionally `teacher_bias` (V,); `teacher_topk` = (values (N, k), indices (N, k) int64), the distribution
     softmax(values / T) on those k classes and 0 elsewhere. Gradients reach student_hidden, student_weight and
-    student_bias only. backend: "auto" (Triton on CUDA, the native CPU kernel on CPU), "triton", or "torch" (the
-    materialised plain-torch reference, for comparison). No host sync under torch.compile; eager calls check target
+    student_bias only. backend: as `kd_loss`'s ("auto", "native", "triton"), or "torch" (the materialised
+    plain-torch reference, for comparison). No host sync under torch.compile; eager calls check target
     and top-k index values (a host read), as `kd_loss` does.
     """
     _check_matrix(student_hidden, "student_hidden", (None, None), getattr(student_hidden, "dtype", None),
@@ -402,7 +402,7 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
         _validate_topk(values, indices, n, vocabulary, device,
                        ("teacher_topk values", "teacher_topk indices", "student_hidden"))
     options = check_options(temperature, alpha, ignore_index, reduction, backend)
-    check_target_tensor(target, n, vocabulary, device, "student_hidden", True, ignore_index)
+    validate_target(target, n, vocabulary, device, "student_hidden", True, ignore_index)
     _validate_chunk_size(chunk_size)
     if indices is not None:
         _check_topk_values(indices, target, ignore_index, vocabulary, "teacher_topk indices")
@@ -437,7 +437,7 @@ def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indic
     _validate_topk(values, indices, n, vocabulary, student_logits.device,
                    ("teacher_values", "teacher_indices", "student_logits"))
     options = check_options(temperature, alpha, ignore_index, reduction, backend)
-    check_target_tensor(target, n, vocabulary, student_logits.device, "student_logits", True, ignore_index)
+    validate_target(target, n, vocabulary, student_logits.device, "student_logits", True, ignore_index)
     _validate_chunk_size(chunk_size)
     _check_topk_values(indices, target, ignore_index, vocabulary, "teacher_indices")
     target = _as_int64(target)

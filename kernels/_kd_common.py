@@ -25,6 +25,7 @@ LOSS_ONLY = "loss_only"  # nothing: no gradient is needed
 STATS = "stats"  # per-row log-sum-exps for the Triton backward kernel (the generic autograd path)
 GRAD = "grad"  # the gradient of the reduced loss (of each row for "none"), times the incoming gradient in the backward
 FUSED = "fused"  # the gradient already scaled by the reduction, returned as it is by the backward (fused_backward)
+STATS_PER_ROW = 3  # lse(s/T), lse(t/T), lse(s): the Triton backward kernel's inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +37,12 @@ class KDOptions:
     ignore_index: int
 
     def fields(self) -> dict:
-        return dataclasses.asdict(self)
+        # Not dataclasses.asdict: torch 2.11's Dynamo cannot trace it (its deep copy), and kd_loss calls this while
+        # being compiled.
+        return {name: getattr(self, name) for name in _OPTION_NAMES}
 
 
+_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(KDOptions))
 _SCHEMA_TYPES = {float: "float", int: "int", bool: "bool", str: "str"}
 OPTIONS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(KDOptions))
 
@@ -148,7 +152,7 @@ def check_logits(s, t, target, ignore_index, check_target=True) -> None:
         raise ValueError(f"teacher_logits dtype {t.dtype} does not match student_logits dtype {s.dtype}")
     if t.device != s.device:
         raise ValueError(f"teacher_logits is on {t.device} but student_logits is on {s.device}")
-    check_target_tensor(target, s.shape[0], s.shape[1], s.device, "student_logits", check_target, ignore_index)
+    validate_target(target, s.shape[0], s.shape[1], s.device, "student_logits", check_target, ignore_index)
 
 
 def validate_hyperparameters(temperature, alpha, reduction, backend) -> None:
@@ -168,7 +172,7 @@ def check_options(temperature, alpha, ignore_index, reduction, backend) -> KDOpt
     return KDOptions(float(temperature), float(alpha), int(ignore_index))
 
 
-def check_target_tensor(target, n: int, num_classes: int, device, rows_name: str, check_values: bool,
+def validate_target(target, n: int, num_classes: int, device, rows_name: str, check_values: bool,
                         ignore_index: int) -> None:
     """target: None or an (n,) integer tensor on `device` (that of `rows_name`), whose values (if check_values) are
     in [0, num_classes) or ignore_index."""
@@ -184,8 +188,6 @@ def check_target_tensor(target, n: int, num_classes: int, device, rows_name: str
     if check_values:
         _check_target_values(target, num_classes, ignore_index)
 
-
-validate_target = check_target_tensor  # the name fastkd's engine and earlier releases used
 
 
 def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:

@@ -18,13 +18,12 @@ Gradients are stored rounded to nearest even in bfloat16 and float16, on the GPU
 import triton
 import triton.language as tl
 
-from ._kd_common import INTERPRETED  # noqa: F401 (the launchers read it here)
+from ._kd_common import INTERPRETED, STATS_PER_ROW  # noqa: F401 (the launchers and tests read them here)
 
 # Rows whose padded width fits in this many columns take the single-block, read-once path.
 MAX_SINGLE_BLOCK = 8192
 # Column block of the streaming path under the interpreter (tests lower both limits to exercise it on small C).
 STREAM_BLOCK = 4096
-STATS_PER_ROW = 3  # lse(s/T), lse(t/T), lse(s): the backward kernel's inputs
 
 
 @triton.jit

@@ -1,7 +1,9 @@
 """The dense kd_loss operator, registered once with torch.library: its CPU kernel (the native one, kd_loss_cpu.cpp),
 its CUDA kernel (Triton), its fake for tracing and its autograd. The dispatcher picks the kernel by device; the
 op's keyword fields are the loss's named options (KDOptions), the reduction and the gradient to make by name, and the
-backend the caller asked for. Also the per-chunk kernel choice of the chunked ops (_kd_chunked).
+backend the caller asked for. The one choice not made by device: backend="triton" on CPU tensors (the Triton
+interpreter, for tests) is taken by the CPU kernel from that field. Also the per-device chunk kernels of the chunked
+ops (_kd_chunked).
 
 Triton is imported on the first Triton launch only (_kd_launch), so every CPU path runs without it. Where no C++
 compiler is found, backend="auto" on the CPU computes the same loss and gradient in plain torch, with one warning.
@@ -14,10 +16,8 @@ import torch
 from torch import Tensor
 
 from . import _kd_loss_cpu as _cpu
-from ._kd_common import (FUSED, GRAD, LOSS_ONLY, OPTIONS_SCHEMA, STATS, KDOptions, kernel_scalars, reduce_rows,
-                         reduction_scale, reference_grad, reference_rows, result_dtype, scaled)
-
-STATS_PER_ROW = 3  # lse(s/T), lse(t/T), lse(s): what the Triton backward kernel reads per row
+from ._kd_common import (FUSED, GRAD, LOSS_ONLY, OPTIONS_SCHEMA, STATS, STATS_PER_ROW, KDOptions, kernel_scalars,
+                         reduce_rows, reduction_scale, reference_grad, reference_rows, result_dtype, scaled)
 
 
 def _launch():
@@ -118,11 +118,11 @@ def _forward_cuda(s, t, target, *, reduction, gradient, backend, **options):
     return _triton_forward(s, t, target, KDOptions(**options), reduction, gradient)
 
 
+# Outputs: the reduced loss (the per-row losses for "none"); for gradient "stats" the (N, 3) log-sum-exps; for
+# "grad" and "fused" the (N, C) gradient of the reduced loss. Unused outputs are empty.
 kd_loss_forward = torch.library.custom_op(
     "fastkd::kd_loss_forward", _forward_cpu, mutates_args=(), device_types="cpu",
     schema=f"(Tensor s, Tensor t, Tensor? target, *, {_FIELDS}) -> (Tensor, Tensor, Tensor)")
-kd_loss_forward.__doc__ = """(the reduced loss, or the per-row losses for "none"; gradient "stats": (N, 3) log-sum-exps;
-"grad"/"fused": (N, C) gradient of the reduced loss); unused outputs are empty."""
 kd_loss_forward.register_kernel("cuda")(_forward_cuda)
 
 

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from . import _kd_ops as _ops
 from ._kd_chunked import KDLinearLoss, auto_chunk_size, kd_loss_linear, kd_loss_sparse
-from ._kd_common import (FUSED, GRAD, LOSS_ONLY, STATS, check_backend_for_device, check_logits, check_options,
-                         kd_loss_reference, validate_hyperparameters, validate_target)
+from ._kd_common import (FUSED, GRAD, LOSS_ONLY, STATS, KDOptions, check_backend_for_device, check_logits,
+                         check_options, kd_loss_reference, validate_hyperparameters, validate_target)
 
 __all__ = ["kd_loss", "KDLoss", "kd_loss_reference", "kd_loss_linear", "kd_loss_sparse", "KDLinearLoss",
            "auto_chunk_size", "validate_hyperparameters", "validate_target"]
@@ -32,14 +32,10 @@ __all__ = ["kd_loss", "KDLoss", "kd_loss_reference", "kd_loss_linear", "kd_loss_
 
 class _EagerKDLoss(torch.autograd.Function):
     """The op fastkd::kd_loss_forward's forward and backward, for eager calls: torch.library's dispatch costs more
-    than the whole loss at small sizes on a CPU. Under torch.compile the op is used, since Dynamo must see it as one.
-    `call` holds the op's keyword fields (autograd.Function takes positional arguments only)."""
+    than the whole loss at small sizes on a CPU. Under torch.compile the op is used, since Dynamo must see it as one."""
 
     @staticmethod
-    def forward(ctx, s, t, target, call: dict):
-        options = dict(call)
-        reduction, gradient, backend = options.pop("reduction"), options.pop("gradient"), options.pop("backend")
-        options = _ops.KDOptions(**options)
+    def forward(ctx, s, t, target, options: KDOptions, reduction: str, gradient: str, backend: str):
         output = _ops.implementation(s.device.type, backend)(s, t, target, options, reduction, gradient)
         _ops.save_for_backward(ctx, s, t, target, output, options, reduction, gradient)
         return output[0]
@@ -50,12 +46,15 @@ class _EagerKDLoss(torch.autograd.Function):
         if ctx.gradient == STATS:  # straight to the kernel launch, not through the backward op's dispatch
             s, t, target, stats = ctx.saved_tensors
             return _ops.recomputed_grad(s, t, target, stats, _ops.row_gradients(ctx, grad_loss, s, target),
-                                        ctx.options), None, None, None
+                                        ctx.options), *_NO_GRADS
         if ctx.gradient == GRAD and grad_loss.dim() == 0 and not grad_loss.is_cuda and grad_loss.item() == 1.0:
             # `loss.backward()` on the CPU: the saved gradient is the answer, as it is. (Reading a CPU scalar is no
             # device sync; a compiled graph takes the multiply in the op's backward, as it cannot branch on it.)
-            return ctx.saved_tensors[0], None, None, None
-        return _ops.student_gradient(ctx, grad_loss), None, None, None
+            return ctx.saved_tensors[0], *_NO_GRADS
+        return _ops.student_gradient(ctx, grad_loss), *_NO_GRADS
+
+
+_NO_GRADS = (None,) * 6  # for teacher_logits, target and the four settings
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
@@ -88,11 +87,11 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
         gradient = FUSED
     else:  # Triton recomputes the gradient in a backward kernel; the CPU kernel writes it in the forward
         gradient = STATS if student_logits.is_cuda or backend == "triton" else GRAD
-    call = dict(**options.fields(), reduction=reduction, gradient=gradient, backend=backend)
     teacher_logits = teacher_logits.detach()
     if torch.compiler.is_compiling():
-        return _ops.kd_loss_forward(student_logits, teacher_logits, target, **call)[0]
-    return _EagerKDLoss.apply(student_logits, teacher_logits, target, call)
+        return _ops.kd_loss_forward(student_logits, teacher_logits, target, **options.fields(), reduction=reduction,
+                                    gradient=gradient, backend=backend)[0]
+    return _EagerKDLoss.apply(student_logits, teacher_logits, target, options, reduction, gradient, backend)
 
 
 class KDLoss(nn.Module):
