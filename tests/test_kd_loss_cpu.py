@@ -96,6 +96,10 @@ def test_the_kernel_is_built_once_into_the_cache_and_loaded_from_it(fresh_kernel
 @pytest.fixture
 def no_compiler(fresh_kernel, monkeypatch, tmp_path):
     """No C++ compiler on PATH, an empty kernel cache, and the fallback's once-per-process warning not yet given."""
+    # Inductor reads $CXX once, when its config is first imported (a custom op's call may do that): imported here
+    # first, so that later torch.compile calls in this process do not keep the missing compiler.
+    import torch._inductor.config  # noqa: F401
+
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("PATH", str(tmp_path))
     _kd_ops._warn_no_compiler.cache_clear()
