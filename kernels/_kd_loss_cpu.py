@@ -27,6 +27,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("kd_loss_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off")
 DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2, "torch.float64": 3}
+REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}  # kd_loss_cpu.cpp's enum Reduction
 _ARGTYPES = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
              + [ctypes.c_int64] * 2 + [ctypes.c_double] * 4 + [ctypes.c_int64, ctypes.c_int]
              + [ctypes.c_void_p] * 3 + [ctypes.c_int])
@@ -38,6 +39,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastkd"
 
 
+class CompilerMissing(RuntimeError):
+    """No C++ compiler to build the kernel with (backend="auto" then falls back to plain torch)."""
+
+
 def _compiler() -> list[str]:
     """The compiler command: $CXX split like a shell would (`ccache g++`), else g++, else c++."""
     name = os.environ.get("CXX") or "g++"
@@ -47,8 +52,8 @@ def _compiler() -> list[str]:
         return [path, *command[1:]]
     path = shutil.which("c++")
     if path is None:
-        raise RuntimeError(f"fastkd: kd_loss on the CPU needs a C++ compiler: neither {name!r} nor 'c++' is on "
-                           "PATH (install g++, or set CXX)")
+        raise CompilerMissing(f"fastkd: kd_loss on the CPU needs a C++ compiler: neither {name!r} nor 'c++' is on "
+                              "PATH (install g++, or set CXX)")
     return [path]
 
 
@@ -190,13 +195,13 @@ def kernel():
 
 def run(s, t, target, inv_t, kl_loss_scale, kl_grad_scale, ce_weight, ignore_index, reduction, rows, reduced,
         grad) -> None:
-    """Fill rows (N,), reduced () (unless reduction is NONE) and grad (N, C) contiguous (or None) for CPU tensors
+    """Fill rows (N,), reduced () (unless reduction is "none") and grad (N, C) contiguous (or None) for CPU tensors
     s, t with classes at stride 1 and target None or int64 contiguous."""
     import torch
     status = kernel()(DTYPE_CODES[str(s.dtype)], s.data_ptr(), s.stride(0), t.data_ptr(), t.stride(0),
                       None if target is None else target.data_ptr(), s.shape[0], s.shape[1], inv_t, kl_loss_scale,
-                      kl_grad_scale, ce_weight, ignore_index, reduction, rows.data_ptr(), reduced.data_ptr(),
-                      None if grad is None else grad.data_ptr(), torch.get_num_threads())
+                      kl_grad_scale, ce_weight, ignore_index, REDUCTION_CODES[reduction], rows.data_ptr(),
+                      reduced.data_ptr(), None if grad is None else grad.data_ptr(), torch.get_num_threads())
     if status == 1:
         raise MemoryError(f"fastkd: kd_loss on the CPU could not allocate its scratch rows ({s.shape[1]} classes)")
     if status != 0:

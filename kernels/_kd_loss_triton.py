@@ -15,18 +15,15 @@ Masked classes (-inf) are handled explicitly: a running max of -inf is replaced 
 exp(-inf - (-inf)) never produces NaN, and p·log p is taken as 0 where p is 0. NaN inputs propagate into the loss.
 Gradients are stored rounded to nearest even in bfloat16 and float16, on the GPU and under the interpreter alike.
 """
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from ._kd_common import INTERPRETED, STATS_PER_ROW  # noqa: F401 (the launchers and tests read them here)
 
 # Rows whose padded width fits in this many columns take the single-block, read-once path.
 MAX_SINGLE_BLOCK = 8192
 # Column block of the streaming path under the interpreter (tests lower both limits to exercise it on small C).
 STREAM_BLOCK = 4096
-STATS_PER_ROW = 3  # lse(s/T), lse(t/T), lse(s): the backward kernel's inputs
 
 
 @triton.jit
