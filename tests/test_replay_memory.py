@@ -96,7 +96,7 @@ ONE_BATCH = BATCH * 3 * 64 * 64 * 4  # float32 64×64 RGB: 1.5 MiB
 @pytest.fixture(scope="module")
 def tiny_imagenet_folder(tmp_path_factory):
     # 2 classes × 128 JPEGs: I = 8 batches of 32; s = 4 keeps 32 batches (48 MiB of images) pending before a replay,
-    # 8 times the torch loader's 4 batches in flight (formerly 256 JPEGs a class, 64 batches: twice the cost).
+    # 8 times the torch loader's 4 batches in flight (formerly 256 JPEGs a class and 64 batches: twice the steps).
     return write(tmp_path_factory.mktemp("data") / "tiny", "tiny-imagenet", num_classes=2, per_class=128,
                  val_per_class=2)
 
