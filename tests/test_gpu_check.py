@@ -139,6 +139,16 @@ def test_a_benchmark_file_cut_short_by_a_killed_step_is_named_in_the_summary_and
     assert "step_bench.json could not be read (JSONDecodeError" in (tmp_path / "summary.md").read_text()
 
 
+def test_a_step_the_default_tier_covers_only_collects_in_the_rehearsal_and_runs_on_the_gpu(tmp_path, monkeypatch):
+    steps = [Step("tests", 10, 60, [py("import sys; print('arguments', sys.argv[1:])")], collect_in_rehearsal=True)]
+    run(tmp_path, monkeypatch, steps)
+    assert "arguments ['--collect-only']" in (tmp_path / "tests.log").read_text()
+    monkeypatch.setenv("OUT", str(tmp_path / "gpu"))
+    assert gpu_check.main([], steps=steps) == 0
+    assert "arguments []" in (tmp_path / "gpu" / "tests.log").read_text()
+    assert {s.name for s in gpu_check.STEPS if s.collect_in_rehearsal} == {"kernel-tests", "linear-tests"}
+
+
 def test_the_steps_fit_one_600_s_device_call_with_a_minute_to_spare():
     assert sum(step.gpu_s for step in gpu_check.STEPS) <= 540
     assert gpu_check.STEPS[0].name == "preflight" and gpu_check.STEPS[1].name == "warm"

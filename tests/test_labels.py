@@ -149,7 +149,9 @@ try:
     fastkd.fit("baseline", student="tiny", train_data="synthetic", epochs=1, batch_size=64, device="cpu",
                out=sys.argv[1], quiet=True, save_every=1)
 except ValueError as e:
-    print(f"rank {rank}: {e}", file=sys.stderr)
+    # One write of the whole line: the ranks share stderr's pipe, and print's two writes (the text, then the newline)
+    # of two ranks can interleave into one line.
+    os.write(2, f"rank {rank}: {e}\\n".encode())
     sys.exit(2)
 """
 
