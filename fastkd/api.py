@@ -16,7 +16,7 @@ from .checkpoint import load_checkpoint
 from .config import Config, check_types, preset_settings, validate, with_legacy_settings
 from .data import make_batches
 from .data.user import DatasetBatches, describe_dataset
-from .distributed import DataParallel, join, leave
+from .distributed import DataParallelRanks, join, leave
 from .models import build_model
 from .models.features import ClassifierNotRun, FeatureTap, feature_term
 from .models.weights import load_teacher_weights
@@ -193,7 +193,7 @@ def named_feature_term(cfg: Config, info) -> str:
                         info.num_classes)[0]
 
 
-def _batches(cfg: Config, train_data, test_data, device, parallel: DataParallel, num_workers: int):
+def _batches(cfg: Config, train_data, test_data, device, parallel: DataParallelRanks, num_workers: int):
     """Each rank draws its contiguous share of every global batch of cfg.batch_size samples."""
     shard = dict(shard_id=parallel.rank, num_shards=parallel.size)
     if not cfg.dataset.startswith(USER):

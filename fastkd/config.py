@@ -193,7 +193,7 @@ def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
 
 def check_feature_loss(name: Optional[str], method: str) -> None:
     """The two-network feature term needs a teacher; the self methods have their own feature loss (weighted by β)."""
-    from .updates import FEATURE_LOSSES
+    from .step_functions import FEATURE_LOSSES
 
     if name is not None and name not in ("auto", "none", *FEATURE_LOSSES):
         raise ValueError(f"--feature-loss must be auto, none, {', '.join(FEATURE_LOSSES)}; got {name!r}")

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun, as one object: `DataParallel` wraps the models, averages gradients (eagerly
+"""Data-parallel training under torchrun, as one object: `DataParallelRanks` wraps the models, averages gradients (eagerly
 or inside a compiled step), syncs BatchNorm buffers and reduces metrics. The single process is its trivial case, in
 which every method is the identity.
 
@@ -29,7 +29,10 @@ _CPU_GROUP = None  # host-side collectives (indices, flags, hashes): gloo, also 
 
 
 @dataclass(frozen=True)
-class DataParallel:
+class DataParallelRanks:
+    """This process's place among the ranks of a data-parallel run, and what the ranks do together. (Not
+    torch.nn.DataParallel: one process per rank, started by torchrun.)"""
+
     rank: int = 0
     size: int = 1
     local_rank: int = 0
@@ -53,7 +56,7 @@ class DataParallel:
                              f"cuda (rank k takes cuda:LOCAL_RANK)")
         return torch.device(name)
 
-    def for_steps(self, compiled: bool) -> "DataParallel":
+    def for_steps(self, compiled: bool) -> "DataParallelRanks":
         """This object as the steps of a run see it: compiled data-parallel steps average in their graph."""
         return dataclasses.replace(self, average_in_graph=compiled and self.launched)
 
@@ -147,18 +150,18 @@ class DataParallel:
         return everyone
 
 
-SINGLE_PROCESS = DataParallel()
+SINGLE_PROCESS = DataParallelRanks()
 
 
 def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def join(device_name: str) -> tuple[DataParallel, torch.device]:
+def join(device_name: str) -> tuple[DataParallelRanks, torch.device]:
     """This process's place in the run and its device; joins the process group when started by torchrun."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return SINGLE_PROCESS, SINGLE_PROCESS.device(device_name)
-    parallel = DataParallel(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+    parallel = DataParallelRanks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                             int(os.environ.get("LOCAL_RANK", "0")), launched=True)
     device = parallel.device(device_name)
     if not dist.is_initialized():
@@ -172,7 +175,7 @@ def join(device_name: str) -> tuple[DataParallel, torch.device]:
     return parallel, device
 
 
-def leave(parallel: DataParallel) -> None:
+def leave(parallel: DataParallelRanks) -> None:
     global _CPU_GROUP
     if parallel.launched and dist.is_initialized():
         dist.destroy_process_group()
@@ -183,3 +186,11 @@ def fingerprint(model: nn.Module) -> str:
     """A hash of the parameters' exact bytes: data-parallel ranks must agree bit for bit."""
     flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
+
+
+def __getattr__(name):
+    if name == "DataParallel":  # renamed: it read as torch.nn.DataParallel
+        warnings.warn("fastkd.distributed.DataParallel is deprecated; it is named DataParallelRanks",
+                      DeprecationWarning, stacklevel=2)
+        return DataParallelRanks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

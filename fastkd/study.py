@@ -28,7 +28,7 @@ from .distributed import SINGLE_PROCESS
 from .engine import Interrupted
 from .models import build_model
 from .schedule import METHODS, SELF_METHODS, TEACHER_METHODS
-from .updates import FEATURE_LOSSES
+from .step_functions import FEATURE_LOSSES
 
 DEFAULTS = Config()
 # (a, b): report a − b paired by seed, when both methods are in the study.

@@ -16,7 +16,7 @@ from .distributed import rank_from_env
 from .engine import Interrupted
 from .models import MODELS
 from .schedule import METHODS
-from .updates import FEATURE_LOSSES
+from .step_functions import FEATURE_LOSSES
 
 
 class _Parser(argparse.ArgumentParser):

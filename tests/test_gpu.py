@@ -24,7 +24,7 @@ from fastkd.kernels import _kd_loss_triton as tk
 from fastkd.kernels.kd_loss import kd_loss, launch_kd_backward, launch_kd_kernel
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, lr_at, make_sgd, set_lr
-from fastkd.updates import LossSettings, Updates
+from fastkd.step_functions import LossSettings, StepFunctions
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -227,7 +227,7 @@ def test_public_kd_loss_autotuned_forward_and_backward_match_float64_reference(c
 # --------------------------------------------------------------------------------------------------------------------
 
 CFG = Config()
-KINDS = ("ce", "distill")  # the spaced method's two steps: the teacher advancing, the student replaying
+KINDS = ("ce", "replay")  # the spaced method's two steps: the teacher advancing, the student replaying
 
 
 def spaced_roles(device):
@@ -253,7 +253,7 @@ def run_step(fns, kind, roles, batch):
         loss, _, logits, _ = fns("ce", teacher, t_opt, x, y)
         return loss.clone(), logits.clone()
     teacher.eval()  # replay targets from the teacher in eval mode (the engine's default)
-    loss, _ = fns("distill", student, teacher, s_opt, x, y)
+    loss, _ = fns("replay", student, teacher, s_opt, x, y)
     teacher.train()
     return loss.clone(), None
 
@@ -362,8 +362,8 @@ def test_compiled_cuda_graph_step_matches_eager_step_and_never_recompiles(float3
     torch._dynamo.reset()
     skips_before = counters["inductor"]["cudagraph_skips"]
     settings = LossSettings(CFG.temperature, CFG.alpha, CFG.beta)
-    eager_fns = Updates(settings, compile=False, device=CUDA)
-    compiled_fns = Updates(settings, compile=True, device=CUDA)
+    eager_fns = StepFunctions(settings, compile=False, device=CUDA)
+    compiled_fns = StepFunctions(settings, compile=True, device=CUDA)
     assert compiled_fns.cuda_graphs
     base, batches = spaced_roles(CUDA)
     for kind in KINDS:  # one eager step of each, so that the momentum buffers are not zero

@@ -14,12 +14,12 @@ from torch import nn
 
 import fastkd
 from fastkd import engine
-from fastkd import updates as updates_module
+from fastkd import step_functions as updates_module
 from fastkd.config import Config
 from fastkd.data import TensorBatches, load_dataset
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, lr_at, make_sgd, set_lr, sgd_update
-from fastkd.updates import LossSettings, ce_step, replay_step, soft_loss
+from fastkd.step_functions import LossSettings, ce_step, replay_step, soft_loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def _spaced_run(out_dir, **overrides) -> dict:
     real_run_step, real_soft_loss = engine.run_step, updates_module.soft_loss
 
     def recording_run_step(step, role, roles, fns, batch, *rest):
-        if step.kind != "distill":
+        if step.kind != "replay":
             return real_run_step(step, role, roles, fns, batch, *rest)
         teacher = roles["teacher"].model
         norms = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
