@@ -137,7 +137,7 @@ def build_roles(cfg: Config, models: dict, plan: list[Step], device, parallel: D
     """Teacher and student for two-network methods, the student alone for baseline; for self methods the one
     network under both names, with one optimizer and one schedule over all steps. Each lr schedule spans its
     optimizer's own number of steps in the plan."""
-    def role(name, model, total_steps):
+    def role(name, model, total_steps):  # total_steps: the span of its lr schedule
         model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         optimizer = make_sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
         init_momentum(optimizer)

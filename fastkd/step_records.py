@@ -115,7 +115,7 @@ class LrSchedule:
     def __init__(self, optimizer: torch.optim.SGD, schedule: str, base_lr: float, total_steps: int, device):
         self.lrs = [_static(group["lr"]) for group in optimizer.param_groups]
         self.cosine = schedule == "cosine"
-        # float64, as the host formula (fastkd.optim.lr_at), so the lr tensor gets the same float32 value.
+        # float64, so the lr tensor gets the float32 rounding of the exact schedule.
         self.base_lr = torch.tensor(base_lr, dtype=torch.float64, device=device)
         self.total_steps = torch.tensor(float(total_steps), dtype=torch.float64, device=device)
         self.steps = _static(torch.zeros((), dtype=torch.int64, device=device))  # optimizer steps done

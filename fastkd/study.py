@@ -5,7 +5,6 @@ skips finished runs, continues interrupted ones from their checkpoints, and refu
 with other settings. It writes results.md, results.json, curves.png and flatness.png into --out, and
 interval_curve.png when --intervals asks for a curve.
 """
-import argparse
 import json
 import math
 import shutil
@@ -19,9 +18,10 @@ import torch
 
 from .analysis import (hutchinson_trace, loss_profile, mean_std, paired_difference, random_direction, save_profile,
                        sharpness, training_loss)
+from .cli import OneLineErrorParser
 from .analysis.plot import BarChart, Line, LineChart, save_figure
 from .checkpoint import CHECKPOINT, load_checkpoint
-from .config import Config, preset_settings, validate, with_legacy_settings
+from .config import DEFAULTS, Config, differing_settings, preset_settings, validate, with_legacy_settings
 from .data import DatasetInfo, make_batches
 from .api import fit, named_feature_term
 from .distributed import SINGLE_PROCESS
@@ -30,7 +30,6 @@ from .models import build_model
 from .schedule import METHODS, SELF_METHODS, TEACHER_METHODS
 from .step_functions import FEATURE_LOSSES
 
-DEFAULTS = Config()
 # (a, b): report a − b paired by seed, when both methods are in the study.
 PAIRS = (("spaced", "online"), ("spaced-self", "self"), ("spaced", "baseline"), ("online", "baseline"))
 PROFILE_POINTS = 21
@@ -39,14 +38,8 @@ RESULT_VERSION = 2  # a run's result.json of another version is analysed again (
 ANALYSIS_CHUNK = 256
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"fastkd.study: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fastkd.study", description=__doc__.splitlines()[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> OneLineErrorParser:
+    p = OneLineErrorParser("fastkd.study", description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--methods", default="baseline,online,spaced,self,spaced-self", help="comma-separated methods to compare")
     a("--seeds", type=int, default=5, help="seeds per method (seed k sets initialisation, data subset, order)")
@@ -189,13 +182,11 @@ def _trained(run_dir: Path) -> bool:
 
 def _check_same(run_dir: Path, saved: dict, cfg: Config) -> None:
     """`saved`: a run's config.json, or its checkpoint's settings (resumed by fit, which checks the feature term)."""
-    saved = with_legacy_settings(saved)
-    if cfg.feature_loss == "auto" and saved["feature_loss"] != "auto":  # a run saved before auto was the default
-        if "dataset_info" not in saved:
-            saved = {**saved, "feature_loss": "auto"}  # fit(resume=True) compares what auto runs with it
-        elif named_feature_term(cfg, DatasetInfo(**saved["dataset_info"])) == saved["feature_loss"]:
-            saved = {**saved, "feature_loss": "auto"}
-    differing = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v)
+    differing = differing_settings(cfg, saved)
+    saved_term = with_legacy_settings(saved)["feature_loss"]  # runs saved before auto was the default: dist, none
+    if cfg.feature_loss == "auto" and saved_term != "auto" and "dataset_info" in saved \
+            and named_feature_term(cfg, DatasetInfo(**saved["dataset_info"])) != saved_term:
+        differing = sorted([*differing, "feature_loss"])
     if differing:
         raise ValueError(f"--out: {run_dir} was trained with other settings ({', '.join(differing)}); "
                          f"use a new --out for a different study")

@@ -11,7 +11,7 @@ import fastkd
 from fastkd.config import Config
 from fastkd.data.registry import load_synthetic
 from fastkd.models import build_model
-from fastkd.optim import init_momentum, make_sgd, set_lr
+from fastkd.optim import init_momentum, make_sgd
 from fastkd.step_functions import LossSettings, StepFunctions
 
 # The engine runs of the two spaced methods cover four of the five kinds (online's distill_live compiles like
@@ -145,3 +145,9 @@ def test_online_steps_with_the_feature_term_compile_whole_once_and_match_eager()
     torch.testing.assert_close(terms_c, terms_e, rtol=1e-4, atol=1e-5)
     for w_c, w_e in zip(weights_c, weights_e):
         torch.testing.assert_close(w_c, w_e, rtol=1e-4, atol=1e-5)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Write `lr` into the optimizer's device lr tensors, as the engine's LrSchedule does inside a step."""
+    for group in optimizer.param_groups:
+        group["lr"].fill_(lr)
