@@ -49,12 +49,13 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
     trace = Trace(trace_path if parallel.is_main else None, truncate_to=resume.get("trace_bytes") if resume else None)
     parallel = parallel.for_steps(cfg.compile)
     roles = build_roles(cfg, models, plan, device, parallel)
-    step_functions = StepFunctions(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities, feature_term),
-                      cfg.compile, device, parallel=parallel, precision=cfg.precision)
+    loss_settings = LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities, feature_term)
+    step_functions = StepFunctions(loss_settings, cfg.compile, device, parallel=parallel, precision=cfg.precision)
     test_forward = TestForward(AUTOCAST_DTYPES[cfg.precision], cfg.compile)
     if cfg.compile and parallel.is_main:
         print("fastkd: --compile: each step compiled whole with inductor; "
-              + ("captured in CUDA graphs." if step_functions.cuda_graphs else "CUDA graphs skipped (not on a CUDA device)."))
+              + ("captured in CUDA graphs." if step_functions.cuda_graphs
+                 else "CUDA graphs skipped (not on a CUDA device)."))
 
     networks = {name: role.model for name, role in _networks(roles).items()}
     # The feature taps stay on until the last evaluation: a compiled evaluation guards on the hooks.
