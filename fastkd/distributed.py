@@ -1,6 +1,6 @@
-"""Data-parallel training under torchrun, as one object: `DataParallelRanks` wraps the models, averages gradients (eagerly
-or inside a compiled step), syncs BatchNorm buffers and reduces metrics. The single process is its trivial case, in
-which every method is the identity.
+"""Data-parallel training under torchrun, as one object: `DataParallelRanks` wraps the models, averages gradients
+(eagerly or inside a compiled step), syncs BatchNorm buffers and reduces metrics. The single process is its trivial
+case, in which every method is the identity.
 
 A process started by torchrun (RANK and WORLD_SIZE set) joins a process group: NCCL on GPUs, gloo on CPU, even when
 it is the only rank, so that a 1-process torchrun exercises the same path.
@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+# Private module on purpose: its functional collectives are the only ones the compiler can place inside a step's
+# graph (torch.distributed's public all_reduce works in place and breaks the graph); torch has no public equivalent.
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 _CPU_GROUP = None  # host-side collectives (indices, flags, hashes): gloo, also when the main backend is NCCL
@@ -88,8 +91,6 @@ class DataParallelRanks:
         for a single process and for eager steps (DDP's reducer has averaged them during the backward)."""
         if not self.average_in_graph:
             return
-        import torch.distributed._functional_collectives as funcol
-
         with torch.no_grad():
             for group in optimizer.param_groups:
                 params = [p for p in group["params"] if p.grad is not None]
@@ -104,8 +105,6 @@ class DataParallelRanks:
         all-reduce that the compiler can place in the step's graph; the tensor itself for a single process."""
         if not self.launched:
             return value
-        import torch.distributed._functional_collectives as funcol
-
         return funcol.all_reduce(value, "sum", dist.group.WORLD)
 
     def sync_buffers(self, model: nn.Module) -> None:

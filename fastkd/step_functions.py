@@ -225,6 +225,7 @@ class StepFunctions:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         # Lets Dynamo trace loss.backward() into the step's graph instead of breaking it there; scoped to the call.
+        # Private config on purpose: no public switch does this (torch.compiler.config has none).
         with torch._dynamo.config.patch(trace_autograd_ops=True):
             return self.steps[kind](*args, self.parallel, self.amp, recorder, **taps)
 

@@ -18,6 +18,7 @@ from .step_terms import MAX_TERMS, TERM_NAMES
 
 def _static(t: Tensor) -> Tensor:
     # Written in place by every step: CUDA graphs may then keep it at its address instead of copying it per replay.
+    # Private API on purpose: torch has no public way to mark a tensor static (torch.compiler offers none).
     torch._dynamo.mark_static_address(t, guard=False)
     return t
 
