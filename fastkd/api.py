@@ -13,17 +13,16 @@ from torch import Tensor, nn
 
 from . import engine
 from .checkpoint import load_checkpoint
-from .config import Config, check_types, preset_settings, validate, with_legacy_settings
+from .config import DEFAULTS, Config, check_types, differing_settings, preset_settings, validate, with_legacy_settings
 from .data import make_batches
 from .data.user import DatasetBatches, describe_dataset
-from .distributed import DataParallel, join, leave
+from .distributed import DataParallelRanks, join, leave
 from .models import build_model
 from .models.features import ClassifierNotRun, FeatureTap, feature_term
 from .models.weights import load_teacher_weights
 from .outputs import BOARD, check_out_is_free, check_tensorboard, check_trace, clear_run
 from .schedule import SELF_METHODS
 
-DEFAULTS = Config()
 SETTINGS = tuple(DEFAULTS.to_dict())
 RESUME_MAY_CHANGE = {"epochs"}
 USER = "python:"  # config.json's name for a model or dataset passed as an object: "python:<class name>"
@@ -167,9 +166,7 @@ def config_from_settings(settings: dict) -> Config:
 def _check_resumable(cfg: Config, saved: dict) -> None:
     """Every setting but those that may change must equal the saved run's; `feature_loss` auto against a saved
     explicit term waits for the models (_check_resumed_feature_term)."""
-    saved = with_legacy_settings(saved)
-    differing = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE
-                       and not (k == "feature_loss" and v == "auto"))
+    differing = differing_settings(cfg, saved, may_change=RESUME_MAY_CHANGE)
     if differing:
         raise ValueError(f"--resume: these settings differ from the saved run: {', '.join(differing)} "
                          f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
@@ -193,7 +190,7 @@ def named_feature_term(cfg: Config, info) -> str:
                         info.num_classes)[0]
 
 
-def _batches(cfg: Config, train_data, test_data, device, parallel: DataParallel, num_workers: int):
+def _batches(cfg: Config, train_data, test_data, device, parallel: DataParallelRanks, num_workers: int):
     """Each rank draws its contiguous share of every global batch of cfg.batch_size samples."""
     shard = dict(shard_id=parallel.rank, num_shards=parallel.size)
     if not cfg.dataset.startswith(USER):

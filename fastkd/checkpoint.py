@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .schedule import Step
+from .step_terms import DISTILL_LIVE
 
 CHECKPOINT = "checkpoint.pt"
 TEMPORARY_SUFFIX = ".tmp"
@@ -70,7 +71,7 @@ def checkpoint_due(plan: list[Step], done: int, per_epoch: int, save_every: Opti
     if done == len(plan):
         return True
     step, following = plan[done - 1], plan[done]
-    if following.kind == "distill_live":
+    if following.kind == DISTILL_LIVE:
         return False
     return (forced or (step.batch + 1) % per_epoch == 0 or following.role != step.role
             or bool(save_every and done % save_every == 0))

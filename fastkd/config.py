@@ -47,7 +47,7 @@ class Config:
     channels_last: bool = False  # models and batches in channels-last memory format
     train_subset: Optional[int] = None
     eval_batch_size: int = 512
-    # Quirks of the official code, each off by default (see docs in README and DESIGN).
+    # Quirks of the official code, each off by default (README: the preset `official`).
     kl_on_probabilities: bool = False
     teacher_train_mode_replay: bool = False
     no_final_replay: bool = False
@@ -77,6 +77,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
+DEFAULTS = Config()
+
+
 PRESETS = {
     # The official code's settings and quirks: constant lr 0.01 for 80 epochs, the feature term torch.dist with
     # β = 0.03 (two-network methods), KLDivLoss on probabilities without T², teacher BatchNorm in train mode during
@@ -103,6 +106,15 @@ LEGACY_SETTINGS = {"precision": "fp32", "channels_last": False, "teacher_weights
 
 def with_legacy_settings(saved: dict) -> dict:
     return {**LEGACY_SETTINGS, **saved}
+
+
+def differing_settings(cfg: Config, saved: dict, may_change=()) -> list[str]:
+    """The settings of `cfg` that differ from a saved run's (its config.json, or its checkpoint's settings), except
+    those that `may_change`. `feature_loss` auto against a saved explicit term is left to the caller: whether they
+    agree depends on the models (auto runs dist or none; runs saved before auto was the default say which)."""
+    saved = with_legacy_settings(saved)
+    return sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in may_change
+                  and not (k == "feature_loss" and v == "auto"))
 
 
 def check_types(settings: dict) -> None:
@@ -193,7 +205,7 @@ def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
 
 def check_feature_loss(name: Optional[str], method: str) -> None:
     """The two-network feature term needs a teacher; the self methods have their own feature loss (weighted by β)."""
-    from .updates import FEATURE_LOSSES
+    from .step_functions import FEATURE_LOSSES
 
     if name is not None and name not in ("auto", "none", *FEATURE_LOSSES):
         raise ValueError(f"--feature-loss must be auto, none, {', '.join(FEATURE_LOSSES)}; got {name!r}")

@@ -1,6 +1,6 @@
-"""Data-parallel training under torchrun, as one object: `DataParallel` wraps the models, averages gradients (eagerly
-or inside a compiled step), syncs BatchNorm buffers and reduces metrics. The single process is its trivial case, in
-which every method is the identity.
+"""Data-parallel training under torchrun, as one object: `DataParallelRanks` wraps the models, averages gradients
+(eagerly or inside a compiled step), syncs BatchNorm buffers and reduces metrics. The single process is its trivial
+case, in which every method is the identity.
 
 A process started by torchrun (RANK and WORLD_SIZE set) joins a process group: NCCL on GPUs, gloo on CPU, even when
 it is the only rank, so that a 1-process torchrun exercises the same path.
@@ -23,13 +23,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+# Private module on purpose: its functional collectives are the only ones the compiler can place inside a step's
+# graph (torch.distributed's public all_reduce works in place and breaks the graph); torch has no public equivalent.
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 _CPU_GROUP = None  # host-side collectives (indices, flags, hashes): gloo, also when the main backend is NCCL
 
 
 @dataclass(frozen=True)
-class DataParallel:
+class DataParallelRanks:
+    """This process's place among the ranks of a data-parallel run, and what the ranks do together. (Not
+    torch.nn.DataParallel: one process per rank, started by torchrun.)"""
+
     rank: int = 0
     size: int = 1
     local_rank: int = 0
@@ -53,7 +59,7 @@ class DataParallel:
                              f"cuda (rank k takes cuda:LOCAL_RANK)")
         return torch.device(name)
 
-    def for_steps(self, compiled: bool) -> "DataParallel":
+    def for_steps(self, compiled: bool) -> "DataParallelRanks":
         """This object as the steps of a run see it: compiled data-parallel steps average in their graph."""
         return dataclasses.replace(self, average_in_graph=compiled and self.launched)
 
@@ -85,8 +91,6 @@ class DataParallel:
         for a single process and for eager steps (DDP's reducer has averaged them during the backward)."""
         if not self.average_in_graph:
             return
-        import torch.distributed._functional_collectives as funcol
-
         with torch.no_grad():
             for group in optimizer.param_groups:
                 params = [p for p in group["params"] if p.grad is not None]
@@ -101,8 +105,6 @@ class DataParallel:
         all-reduce that the compiler can place in the step's graph; the tensor itself for a single process."""
         if not self.launched:
             return value
-        import torch.distributed._functional_collectives as funcol
-
         return funcol.all_reduce(value, "sum", dist.group.WORLD)
 
     def sync_buffers(self, model: nn.Module) -> None:
@@ -147,18 +149,18 @@ class DataParallel:
         return everyone
 
 
-SINGLE_PROCESS = DataParallel()
+SINGLE_PROCESS = DataParallelRanks()
 
 
 def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def join(device_name: str) -> tuple[DataParallel, torch.device]:
+def join(device_name: str) -> tuple[DataParallelRanks, torch.device]:
     """This process's place in the run and its device; joins the process group when started by torchrun."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return SINGLE_PROCESS, SINGLE_PROCESS.device(device_name)
-    parallel = DataParallel(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+    parallel = DataParallelRanks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                             int(os.environ.get("LOCAL_RANK", "0")), launched=True)
     device = parallel.device(device_name)
     if not dist.is_initialized():
@@ -172,7 +174,7 @@ def join(device_name: str) -> tuple[DataParallel, torch.device]:
     return parallel, device
 
 
-def leave(parallel: DataParallel) -> None:
+def leave(parallel: DataParallelRanks) -> None:
     global _CPU_GROUP
     if parallel.launched and dist.is_initialized():
         dist.destroy_process_group()
@@ -183,3 +185,11 @@ def fingerprint(model: nn.Module) -> str:
     """A hash of the parameters' exact bytes: data-parallel ranks must agree bit for bit."""
     flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
+
+
+def __getattr__(name):
+    if name == "DataParallel":  # renamed: it read as torch.nn.DataParallel
+        warnings.warn("fastkd.distributed.DataParallel is deprecated; it is named DataParallelRanks",
+                      DeprecationWarning, stacklevel=2)
+        return DataParallelRanks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

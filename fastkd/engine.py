@@ -1,10 +1,10 @@
-"""The training loop: the schedule × the batch source × the step updates.
+"""The training loop: the schedule × the batch source × the step functions.
 
 `train` reads top to bottom as the paper's method: walk the planned steps in order; regenerate each step's batch from
 its identity (never from a buffer); run that role's update; record the loss; at an epoch's end evaluate and log; at
 each epoch end and replay boundary checkpoint. Around it, in their own modules: what is written
 (`fastkd.outputs`), when and what is checkpointed (`fastkd.checkpoint`), and data parallelism
-(`fastkd.distributed.DataParallel`, passed in; the single process is its trivial case).
+(`fastkd.distributed.DataParallelRanks`, passed in; the single process is its trivial case).
 """
 import signal
 import time
@@ -17,19 +17,20 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .books import LabelGuard, LrSchedule, NonFiniteGuard, RunningMean, StepBooks
 from .config import Config
 from .models.features import feature_taps
-from .distributed import SINGLE_PROCESS, DataParallel, fingerprint
+from .distributed import SINGLE_PROCESS, DataParallelRanks, fingerprint
 from .optim import init_momentum, make_sgd
 from .outputs import Progress, RunDirectory, Trace, describe, epoch_record
 from .precision import AUTOCAST_DTYPES, autocast
 from .schedule import SELF_METHODS, Step, plan_steps
-from .updates import LossSettings, Updates
+from .step_functions import LossSettings, StepFunctions
+from .step_records import LabelGuard, LrSchedule, NonFiniteGuard, RunningMean, StepRecorder
+from .step_terms import CE, DISTILL_LIVE, REPLAY
 
 
 def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, device: torch.device,
-          parallel: DataParallel = SINGLE_PROCESS, trace_path: Optional[str] = None, quiet: bool = False,
+          parallel: DataParallelRanks = SINGLE_PROCESS, trace_path: Optional[str] = None, quiet: bool = False,
           resume: Optional[dict] = None, save_every: Optional[int] = None, check_replay: bool = False,
           tensorboard: Optional[Path] = None, feature_term: Optional[str] = None) -> dict:
     """Train `models` ({"teacher", "student"}, or {"student"} for baseline and self methods) on `batches` as `cfg`
@@ -48,12 +49,13 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
     trace = Trace(trace_path if parallel.is_main else None, truncate_to=resume.get("trace_bytes") if resume else None)
     parallel = parallel.for_steps(cfg.compile)
     roles = build_roles(cfg, models, plan, device, parallel)
-    updates = Updates(LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities, feature_term),
-                      cfg.compile, device, parallel=parallel, precision=cfg.precision)
+    loss_settings = LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities, feature_term)
+    step_functions = StepFunctions(loss_settings, cfg.compile, device, parallel=parallel, precision=cfg.precision)
     test_forward = TestForward(AUTOCAST_DTYPES[cfg.precision], cfg.compile)
     if cfg.compile and parallel.is_main:
         print("fastkd: --compile: each step compiled whole with inductor; "
-              + ("captured in CUDA graphs." if updates.cuda_graphs else "CUDA graphs skipped (not on a CUDA device)."))
+              + ("captured in CUDA graphs." if step_functions.cuda_graphs
+                 else "CUDA graphs skipped (not on a CUDA device)."))
 
     networks = {name: role.model for name, role in _networks(roles).items()}
     # The feature taps stay on until the last evaluation: a compiled evaluation guards on the hooks.
@@ -69,13 +71,14 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
         # graph.
         guard = NonFiniteGuard(device, steps_done=first)
         labels = LabelGuard(guard)
-        books = {name: StepBooks(roles[name].schedule, losses[name], guard, labels) for name in losses}
+        recorders = {name: StepRecorder(roles[name].schedule, losses[name], guard, labels) for name in losses}
         progress = Progress(len(plan)) if not quiet and parallel.is_main else None
         window = Throughput()
-        start, live = time.perf_counter(), None
+        start, online_teacher = time.perf_counter(), None
         for done, (step, batch) in enumerate(batches_along(plan, first, batches, check_replay), first + 1):
             role = roles[step.role]
-            live = run_step(step, role, roles, updates, batch, live, cfg, books[step.role], taps)
+            online_teacher = run_step(step, role, roles, step_functions, batch, online_teacher, cfg,
+                                      recorders[step.role], taps)
             losses[step.role].count += 1
             images += cfg.batch_size
             window.add(cfg.batch_size)
@@ -120,29 +123,28 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
 class Role:
     """A network that trains: its model, its optimizer, and where it stands in its own lr schedule.
 
-    `stepper` is what its steps call: the model itself, or its DistributedDataParallel wrapper. `steps_done` counts
-    on the host what `schedule.steps` counts on the device (read by checkpoints without a sync).
+    `step_module` is what its steps call: the model itself, or its DistributedDataParallel wrapper. `steps_done`
+    counts on the host what `schedule.steps` counts on the device (read by checkpoints without a sync).
     """
     name: str
     model: nn.Module
     optimizer: torch.optim.SGD
-    total_steps: int
-    stepper: nn.Module
+    step_module: nn.Module
     schedule: LrSchedule
     steps_done: int = 0
 
 
-def build_roles(cfg: Config, models: dict, plan: list[Step], device, parallel: DataParallel) -> dict[str, Role]:
+def build_roles(cfg: Config, models: dict, plan: list[Step], device, parallel: DataParallelRanks) -> dict[str, Role]:
     """Teacher and student for two-network methods, the student alone for baseline; for self methods the one
     network under both names, with one optimizer and one schedule over all steps. Each lr schedule spans its
     optimizer's own number of steps in the plan."""
-    def role(name, model, total_steps):
+    def role(name, model, total_steps):  # total_steps: the span of its lr schedule
         model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         optimizer = make_sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
         init_momentum(optimizer)
-        stepper = parallel.wrap(model, device, find_unused=cfg.method in SELF_METHODS)
+        step_module = parallel.wrap(model, device, find_unused=cfg.method in SELF_METHODS)
         schedule = LrSchedule(optimizer, cfg.lr_schedule, cfg.lr, total_steps, device)
-        return Role(name, model, optimizer, total_steps, stepper, schedule)
+        return Role(name, model, optimizer, step_module, schedule)
 
     if cfg.method in SELF_METHODS:
         shared = role("self", models["student"], len(plan))
@@ -199,30 +201,30 @@ class ReplayCheck:
             yield batch
 
 
-def run_step(step: Step, role: Role, roles: dict, updates: Updates, batch, live, cfg: Config,
-             books: StepBooks, taps: Optional[dict] = None):
-    """One optimizer step of `role` on `batch`, its lr, loss and guard kept by `books` inside the step; returns an
+def run_step(step: Step, role: Role, roles: dict, step_functions: StepFunctions, batch, online_teacher,
+             cfg: Config, recorder: StepRecorder, taps: Optional[dict] = None):
+    """One optimizer step of `role` on `batch`, its lr, loss and guard kept by `recorder` inside the step; returns an
     online teacher step's (logits, pooled features or None) for the student's next step, copied out of the step's
     CUDA-graph memory, or None. `taps`: the FeatureTaps by network, when a feature loss is on."""
     role.steps_done += 1
-    model, opt, x, y = role.stepper, role.optimizer, batch.x, batch.y
+    model, opt, x, y = role.step_module, role.optimizer, batch.x, batch.y
     taps = taps or {}
-    if step.kind == "ce":
+    if step.kind == CE:
         online = cfg.method == "online"  # only online KD's next step reads the teacher's outputs
-        _, _, logits, features = updates("ce", model, opt, x, y, books=books,
-                                         tap=taps.get(role.name) if online else None)
+        _, _, logits, features = step_functions(CE, model, opt, x, y, recorder=recorder,
+                                                tap=taps.get(role.name) if online else None)
         return (logits.clone(), features.clone() if features is not None else None) if online else None
-    if step.kind == "distill_live":  # online: the logits (and features) of the teacher's own forward on this batch
-        updates("distill_live", model, opt, x, y, *live, books=books, tap=taps.get(role.name))
-    elif step.kind == "distill":
+    if step.kind == DISTILL_LIVE:  # online: the logits (and features) of the teacher's own forward on this batch
+        step_functions(DISTILL_LIVE, model, opt, x, y, *online_teacher, recorder=recorder, tap=taps.get(role.name))
+    elif step.kind == REPLAY:
         teacher = roles["teacher"].model  # a no-grad forward: never through DDP
         # Default: eval mode, BatchNorm running statistics untouched. Official quirk: train mode during replay.
         teacher.train(cfg.teacher_train_mode_replay)
-        updates("distill", model, teacher, opt, x, y, books=books, tap=taps.get(role.name),
-                teacher_tap=taps.get("teacher"))
+        step_functions(REPLAY, model, teacher, opt, x, y, recorder=recorder, tap=taps.get(role.name),
+                       teacher_tap=taps.get("teacher"))
         teacher.train(True)
     else:  # advance, self_distill
-        updates(step.kind, model, opt, x, y, books=books)
+        step_functions(step.kind, model, opt, x, y, recorder=recorder)
     return None
 
 
@@ -262,7 +264,7 @@ class TestForward:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, batch_size: int, parallel: DataParallel = SINGLE_PROCESS,
+def evaluate(model: nn.Module, batches, batch_size: int, parallel: DataParallelRanks = SINGLE_PROCESS,
              forward: TestForward = TestForward()) -> dict:
     """Top-1 and top-5 (%) on every test sample; for a multi-exit net, the deepest head plus every head's top-1.
 
@@ -326,7 +328,7 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def _save_checkpoint(cfg, done, roles, losses, accuracy, images, run_dir, trace, parallel: DataParallel) -> None:
+def _save_checkpoint(cfg, done, roles, losses, accuracy, images, run_dir, trace, parallel: DataParallelRanks) -> None:
     # Every rank takes rank 0's BatchNorm statistics here, at each epoch end and replay boundary: the teacher's
     # replay targets are then the same on all ranks, and a resumed run continues exactly.
     networks = _networks(roles)
@@ -351,7 +353,7 @@ def _restore(state: dict, roles: dict, losses: dict) -> tuple[int, int, dict]:
     return state["done"], state["images"], state["accuracy"]
 
 
-def _finish(cfg, roles, batches, run_dir, parallel: DataParallel, wall: float, images: int, steps: int,
+def _finish(cfg, roles, batches, run_dir, parallel: DataParallelRanks, wall: float, images: int, steps: int,
             test_forward: TestForward, accuracy: dict) -> dict:
     """Final evaluation, saved weights and the summary (the last metrics.jsonl line)."""
     nets = ({"student": roles["self"].model} if cfg.method in SELF_METHODS

@@ -6,6 +6,7 @@ weight decay, no Nesterov, parameters without a gradient skipped), and a regular
 its tensor in place means an lr schedule never triggers a recompile or a host sync.
 """
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -53,12 +54,17 @@ def init_momentum(optimizer: torch.optim.SGD) -> None:
 
 
 def lr_at(schedule: str, base_lr: float, step: int, total_steps: int) -> float:
-    """The lr before optimizer step `step` (0-based): per-step cosine decay to 0, or constant."""
+    """Deprecated (nothing in fastkd uses it; the lr is set inside each step by fastkd.step_records.LrSchedule)."""
+    warnings.warn("fastkd.optim.lr_at is deprecated: the engine's lr is fastkd.step_records.LrSchedule's",
+                  DeprecationWarning, stacklevel=2)
     if schedule == "constant":
         return base_lr
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
 
 def set_lr(optimizer: torch.optim.SGD, lr: float) -> None:
+    """Deprecated (nothing in fastkd uses it; the lr is set inside each step by fastkd.step_records.LrSchedule)."""
+    warnings.warn("fastkd.optim.set_lr is deprecated: the engine's lr is fastkd.step_records.LrSchedule's",
+                  DeprecationWarning, stacklevel=2)
     for group in optimizer.param_groups:
         group["lr"].fill_(lr)

@@ -18,6 +18,8 @@ teacher's, or the network's own for self methods); None for steps without soft t
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+from .step_terms import ADVANCE, CE, DISTILL_LIVE, REPLAY, SELF_DISTILL
+
 METHODS = ("baseline", "online", "spaced", "offline", "self", "spaced-self")
 SELF_METHODS = ("self", "spaced-self")
 TEACHER_METHODS = ("online", "spaced", "offline")  # two networks: a teacher and a student
@@ -28,7 +30,7 @@ DEFAULT_INTERVAL = {"spaced": 1.5, "spaced-self": 4.0}
 class Step:
     role: str  # "teacher" | "student" | "self"
     batch: int  # global batch index g
-    kind: str  # "ce" | "distill" | "distill_live" | "advance" | "self_distill"
+    kind: str  # one of fastkd.step_terms.STEP_KINDS: "ce" | "distill_live" | "replay" | "advance" | "self_distill"
     teacher_version: Optional[int]
 
 
@@ -44,25 +46,25 @@ def plan_steps(method: str, epochs: int, batches_per_epoch: int, interval: Optio
     """The steps of `method`; train_teacher=False (offline KD from given teacher weights): the student's alone."""
     total = epochs * batches_per_epoch
     if method == "baseline":
-        yield from (Step("student", g, "ce", None) for g in range(total))
+        yield from (Step("student", g, CE, None) for g in range(total))
     elif method == "online":
         for g in range(total):
-            yield Step("teacher", g, "ce", None)
-            yield Step("student", g, "distill_live", g)  # logits from the teacher's forward, before its update
+            yield Step("teacher", g, CE, None)
+            yield Step("student", g, DISTILL_LIVE, g)  # logits from the teacher's forward, before its update
     elif method == "offline":
         teacher_steps = total if train_teacher else 0
-        yield from (Step("teacher", g, "ce", None) for g in range(teacher_steps))
-        yield from (Step("student", g, "distill", teacher_steps) for g in range(total))
+        yield from (Step("teacher", g, CE, None) for g in range(teacher_steps))
+        yield from (Step("student", g, REPLAY, teacher_steps) for g in range(total))
     elif method == "self":
-        yield from (Step("self", g, "self_distill", g) for g in range(total))
+        yield from (Step("self", g, SELF_DISTILL, g) for g in range(total))
     elif method == "spaced":
         yield from _spaced(total, interval_batches(interval, batches_per_epoch), replay_leftover,
-                           advance=lambda g: Step("teacher", g, "ce", None),
-                           replay=lambda g, updates: Step("student", g, "distill", updates), replay_updates=False)
+                           advance=lambda g: Step("teacher", g, CE, None),
+                           replay=lambda g, updates: Step("student", g, REPLAY, updates), replay_updates=False)
     elif method == "spaced-self":
         yield from _spaced(total, interval_batches(interval, batches_per_epoch), replay_leftover,
-                           advance=lambda g: Step("teacher", g, "advance", None),
-                           replay=lambda g, updates: Step("self", g, "self_distill", updates), replay_updates=True)
+                           advance=lambda g: Step("teacher", g, ADVANCE, None),
+                           replay=lambda g, updates: Step("self", g, SELF_DISTILL, updates), replay_updates=True)
     else:
         raise ValueError(f"--method {method!r} is unknown; choose from {', '.join(METHODS)}")
 

@@ -3,30 +3,24 @@
 A thin layer over `fastkd.fit`: the flags given are passed to it as settings. Bad input ends with one line on stderr
 naming the problem and exit code 2; nothing is written before the configuration has been checked.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from .api import DEFAULTS, SETTINGS, default_out, fit
+from .api import SETTINGS, default_out, fit
 from .checkpoint import load_checkpoint
-from .config import PRESETS, check_types, numbers_from_strings, with_legacy_settings
+from .cli import OneLineErrorParser
+from .config import DEFAULTS, PRESETS, check_types, numbers_from_strings, with_legacy_settings
 from .data import DATASETS
 from .distributed import rank_from_env
 from .engine import Interrupted
 from .models import MODELS
 from .schedule import METHODS
-from .updates import FEATURE_LOSSES
+from .step_functions import FEATURE_LOSSES
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        self.exit(2, f"fastkd.train: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fastkd.train", description=__doc__.splitlines()[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> OneLineErrorParser:
+    p = OneLineErrorParser("fastkd.train", description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--method", choices=METHODS, default=DEFAULTS.method, help="distillation method")
     a("--interval", type=float, default=None,
@@ -103,10 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def explicit_settings(argv) -> dict:
-    """The configuration keys set on the command line: the arguments parsed again with every default None."""
-    parser = build_parser()
-    parser.set_defaults(**{action.dest: None for action in parser._actions})
-    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k in SETTINGS}
+    """The configuration keys set on the command line."""
+    return {k: v for k, v in build_parser().given(argv).items() if k in SETTINGS}
 
 
 def resumed_settings(saved: dict, given: dict) -> dict:

@@ -4,6 +4,7 @@ t-interval vs tabulated quantiles, and the PNG charts.
 Every random draw is seeded, so a failure reproduces; tests that loop over seeds name the seed when they fail."""
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -153,6 +154,13 @@ def test_paired_difference_interval():
     assert sum(diffs) / 4 == d.mean
     with pytest.raises(ValueError):
         paired_difference([1.0], [2.0])
+
+
+def test_paired_difference_equal_on_every_seed_is_that_difference_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = paired_difference([2.5, 3.5, 4.5], [1.0, 2.0, 3.0])
+    assert (d.mean, d.low, d.high, d.wins, d.losses) == (1.5, 1.5, 1.5, 3, 0)
 
 
 def test_figures_and_profiles_are_written(tmp_path):

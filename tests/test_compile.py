@@ -11,12 +11,12 @@ import fastkd
 from fastkd.config import Config
 from fastkd.data.registry import load_synthetic
 from fastkd.models import build_model
-from fastkd.optim import init_momentum, make_sgd, set_lr
-from fastkd.updates import LossSettings, Updates
+from fastkd.optim import init_momentum, make_sgd
+from fastkd.step_functions import LossSettings, StepFunctions
 
 # The engine runs of the two spaced methods cover four of the five kinds (online's distill_live compiles like
 # distill; its one-step test is below), with teacher eval/train switches, evaluations and lr changes in between.
-KINDS = {"spaced": ("ce", "distill"), "spaced-self": ("advance", "self_distill")}
+KINDS = {"spaced": ("ce", "replay"), "spaced-self": ("advance", "self_distill")}
 
 
 def run(method: str, out: Path) -> None:
@@ -32,7 +32,7 @@ def test_each_step_kind_compiles_once_over_a_multi_epoch_run(tmp_path, method, m
     naming its guard. Batch 32 as in test_resume's compiled run,
     whose processes then find these graphs in the inductor cache."""
     torch._dynamo.reset()
-    real_call, calls = Updates.__call__, {}
+    real_call, calls = StepFunctions.__call__, {}
 
     def strict_call(self, kind, *args, **kwargs):
         calls[kind] = calls.get(kind, 0) + 1
@@ -41,7 +41,7 @@ def test_each_step_kind_compiles_once_over_a_multi_epoch_run(tmp_path, method, m
         with torch.compiler.set_stance("fail_on_recompile"):
             return real_call(self, kind, *args, **kwargs)
 
-    monkeypatch.setattr(Updates, "__call__", strict_call)
+    monkeypatch.setattr(StepFunctions, "__call__", strict_call)
     run(method, tmp_path / "compiled")
     assert set(calls) == set(KINDS[method]) and min(calls.values()) > 8, calls
 
@@ -56,21 +56,21 @@ def _step_inputs(kind: str, seed: int):
     init_momentum(optimizer)
     x, y = data.train_x[:32].double(), data.train_y[:32]
     extra = ()
-    if kind == "distill":
+    if kind == "replay":
         extra = (build_model("tiny", data.info).double().eval(),)
     elif kind == "distill_live":
         extra = (torch.randn(32, data.info.num_classes, dtype=torch.float64) * 3, None)  # logits, no features
     return model, optimizer, x, y, extra
 
 
-def _call(fns: Updates, kind: str, model, optimizer, x, y, extra):
-    if kind == "distill":  # (student, teacher, optimizer, x, y)
+def _call(fns: StepFunctions, kind: str, model, optimizer, x, y, extra):
+    if kind == "replay":  # (student, teacher, optimizer, x, y)
         return fns(kind, model, extra[0], optimizer, x, y)
     return fns(kind, model, optimizer, x, y, *extra)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ce", "distill_live", "distill", "advance", "self_distill"])
+@pytest.mark.parametrize("kind", ["ce", "distill_live", "replay", "advance", "self_distill"])
 def test_compiled_step_computes_the_eager_step_in_float64(kind):
     """One whole step (forward, fused kd_loss, backward, SGD update) in float64: compiled and eager agree to float64
     rounding. After the first step each momentum buffer is the gradient plus weight decay, so this compares the
@@ -81,10 +81,10 @@ def test_compiled_step_computes_the_eager_step_in_float64(kind):
     eager = (copy.deepcopy(compiled[0]), None, *compiled[2:])
     eager = (eager[0], make_sgd(eager[0], 0.05, 0.9, 5e-4), *eager[2:])
     init_momentum(eager[1])
-    if kind == "distill":
+    if kind == "replay":
         eager = (*eager[:4], (copy.deepcopy(compiled[4][0]),))
-    loss_c = _call(Updates(settings, True, torch.device("cpu")), kind, *compiled)[0]
-    loss_e = _call(Updates(settings, False, torch.device("cpu")), kind, *eager)[0]
+    loss_c = _call(StepFunctions(settings, True, torch.device("cpu")), kind, *compiled)[0]
+    loss_e = _call(StepFunctions(settings, False, torch.device("cpu")), kind, *eager)[0]
     # float64 rounding (2^-53) grows with the reordered sums of a few thousand terms: 1e-10 of the scale is far
     # above it, and far below any real difference (a dropped or mis-scaled term changes these at 1e-3 and up).
     assert abs(float(loss_c) - float(loss_e)) <= 1e-10 * abs(float(loss_e)), (float(loss_c), float(loss_e))
@@ -100,13 +100,13 @@ def test_compiled_step_computes_the_eager_step_in_float64(kind):
 
 def test_compiled_step_does_not_recompile_when_the_lr_changes():
     torch._dynamo.reset()
-    fns = Updates(LossSettings(3.0, 0.3, 0.03), True, torch.device("cpu"))
-    model, optimizer, x, y, extra = _step_inputs("distill", seed=3)
-    _call(fns, "distill", model, optimizer, x, y, extra)  # compiles
+    fns = StepFunctions(LossSettings(3.0, 0.3, 0.03), True, torch.device("cpu"))
+    model, optimizer, x, y, extra = _step_inputs("replay", seed=3)
+    _call(fns, "replay", model, optimizer, x, y, extra)  # compiles
     with torch.compiler.set_stance("fail_on_recompile"):
         for step in range(1, 6):
             set_lr(optimizer, 0.05 / (step + 1))
-            _call(fns, "distill", model, optimizer, x, y, extra)
+            _call(fns, "replay", model, optimizer, x, y, extra)
 
 
 @pytest.mark.slow
@@ -126,7 +126,7 @@ def test_online_steps_with_the_feature_term_compile_whole_once_and_match_eager()
         optimizers = [make_sgd(m, 0.05, 0.9, 5e-4) for m in (teacher, student)]
         for opt in optimizers:
             init_momentum(opt)
-        fns, terms = Updates(settings, compile, torch.device("cpu")), []
+        fns, terms = StepFunctions(settings, compile, torch.device("cpu")), []
         with feature_taps({"teacher": teacher, "student": student}, on=True) as taps:
             for step in range(4):
                 x, y = data.train_x[32 * step:32 * (step + 1)], data.train_y[32 * step:32 * (step + 1)]
@@ -145,3 +145,9 @@ def test_online_steps_with_the_feature_term_compile_whole_once_and_match_eager()
     torch.testing.assert_close(terms_c, terms_e, rtol=1e-4, atol=1e-5)
     for w_c, w_e in zip(weights_c, weights_e):
         torch.testing.assert_close(w_c, w_e, rtol=1e-4, atol=1e-5)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Write `lr` into the optimizer's device lr tensors, as the engine's LrSchedule does inside a step."""
+    for group in optimizer.param_groups:
+        group["lr"].fill_(lr)

@@ -182,7 +182,7 @@ def test_the_resume_check_leaves_auto_against_a_saved_term_to_the_models():
 def test_a_study_folder_saved_before_auto_is_the_same_study_where_auto_runs_its_term(tmp_path):
     from fastkd.config import Config
     from fastkd.data.registry import load_synthetic
-    from fastkd.study import _check_same
+    from fastkd.study.runs import _check_same
 
     cfg = Config(method="spaced", dataset="synthetic").resolve_defaults()  # tiny and tiny: equal widths
     finished = {**cfg.to_dict(), "feature_loss": "dist", "dataset_info": load_synthetic().info.to_dict()}

@@ -10,7 +10,7 @@ from torch import nn
 
 import fastkd
 from fastkd import api
-from fastkd.books import LrSchedule, NonFiniteGuard, RunningMean, StepBooks
+from fastkd.step_records import LrSchedule, NonFiniteGuard, RunningMean, StepRecorder
 from fastkd.config import Config
 from fastkd.data.registry import load_synthetic
 from fastkd.distributed import SINGLE_PROCESS
@@ -19,7 +19,8 @@ from fastkd.models.features import FeatureTap, feature_taps
 from fastkd.optim import init_momentum, make_sgd
 from fastkd.schedule import Step
 from fastkd.train import main
-from fastkd.updates import TERM_NAMES, LossSettings, Updates, soft_loss
+from fastkd.step_functions import LossSettings, StepFunctions, soft_loss
+from fastkd.step_terms import TERM_NAMES
 
 BETA = 0.03
 DATA = load_synthetic()
@@ -42,10 +43,10 @@ def networks(seed=0):
 
 
 def replay(name: str, student, teacher, optimizer, amp=None):
-    updates = Updates(LossSettings(3.0, 0.3, BETA, feature_loss=name), False, torch.device("cpu"),
+    updates = StepFunctions(LossSettings(3.0, 0.3, BETA, feature_loss=name), False, torch.device("cpu"),
                       precision="bf16" if amp else "fp32")
     with feature_taps({"student": student, "teacher": teacher}, on=True) as taps:
-        return updates("distill", student, teacher, optimizer, X, Y, tap=taps["student"], teacher_tap=taps["teacher"])
+        return updates("replay", student, teacher, optimizer, X, Y, tap=taps["student"], teacher_tap=taps["teacher"])
 
 
 def test_dist_is_torch_dist_of_the_pooled_features_and_the_step_loss_adds_it():
@@ -122,7 +123,7 @@ def test_online_students_distil_from_the_features_of_the_teachers_own_step():
     with torch.no_grad():
         f_t = pooled(copy.deepcopy(teacher), X)  # the teacher before its step, in train mode: its step's forward
         f_s = pooled(copy.deepcopy(student), X)
-    updates = Updates(LossSettings(3.0, 0.3, BETA, feature_loss="dist"), False, torch.device("cpu"))
+    updates = StepFunctions(LossSettings(3.0, 0.3, BETA, feature_loss="dist"), False, torch.device("cpu"))
     with feature_taps({"student": student, "teacher": teacher}, on=True) as taps:
         _, _, logits, features = updates("ce", teacher, t_opt, X, Y, tap=taps["teacher"])
         assert torch.equal(features, f_t)
@@ -133,15 +134,15 @@ def test_online_students_distil_from_the_features_of_the_teachers_own_step():
 def test_a_non_finite_feature_term_is_named_by_the_guard():
     student, teacher, optimizer = networks()
     guard = NonFiniteGuard("cpu")
-    books = StepBooks(LrSchedule(optimizer, "constant", 0.05, 10, "cpu"), RunningMean("cpu"), guard)
-    updates = Updates(LossSettings(3.0, 0.3, BETA, feature_loss="dist"), False, torch.device("cpu"))
+    books = StepRecorder(LrSchedule(optimizer, "constant", 0.05, 10, "cpu"), RunningMean("cpu"), guard)
+    updates = StepFunctions(LossSettings(3.0, 0.3, BETA, feature_loss="dist"), False, torch.device("cpu"))
     logits = teacher(X).detach()
     features = torch.full((32, 64), float("inf"))
     with feature_taps({"student": student}, on=True) as taps:
-        updates("distill_live", student, optimizer, X, Y, logits, features, books=books, tap=taps["student"])
+        updates("distill_live", student, optimizer, X, Y, logits, features, recorder=books, tap=taps["student"])
     with pytest.raises(ValueError, match=r"feature loss \(β·feature\) went non-finite"):
         guard.check([Step("student", 0, "distill_live", 0)], SINGLE_PROCESS)
-    assert TERM_NAMES["distill"][3] == TERM_NAMES["distill_live"][3] == "feature loss (β·feature)"
+    assert TERM_NAMES["replay"][3] == TERM_NAMES["distill_live"][3] == "feature loss (β·feature)"
 
 
 def test_the_tap_leaves_the_plain_forward_and_the_state_dict_alone_and_is_removed():

@@ -24,8 +24,8 @@ from fastkd.kernels import _kd_loss_triton as tk
 from fastkd.kernels._kd_launch import launch_kd_backward, launch_kd_kernel
 from fastkd.kernels.kd_loss import kd_loss
 from fastkd.models import build_model
-from fastkd.optim import init_momentum, lr_at, make_sgd, set_lr
-from fastkd.updates import LossSettings, Updates
+from fastkd.optim import init_momentum, make_sgd
+from fastkd.step_functions import LossSettings, StepFunctions
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -228,7 +228,7 @@ def test_public_kd_loss_autotuned_forward_and_backward_match_float64_reference(c
 # --------------------------------------------------------------------------------------------------------------------
 
 CFG = Config()
-KINDS = ("ce", "distill")  # the spaced method's two steps: the teacher advancing, the student replaying
+KINDS = ("ce", "replay")  # the spaced method's two steps: the teacher advancing, the student replaying
 
 
 def spaced_roles(device):
@@ -254,7 +254,7 @@ def run_step(fns, kind, roles, batch):
         loss, _, logits, _ = fns("ce", teacher, t_opt, x, y)
         return loss.clone(), logits.clone()
     teacher.eval()  # replay targets from the teacher in eval mode (the engine's default)
-    loss, _ = fns("distill", student, teacher, s_opt, x, y)
+    loss, _ = fns("replay", student, teacher, s_opt, x, y)
     teacher.train()
     return loss.clone(), None
 
@@ -363,8 +363,8 @@ def test_compiled_cuda_graph_step_matches_eager_step_and_never_recompiles(float3
     torch._dynamo.reset()
     skips_before = counters["inductor"]["cudagraph_skips"]
     settings = LossSettings(CFG.temperature, CFG.alpha, CFG.beta)
-    eager_fns = Updates(settings, compile=False, device=CUDA)
-    compiled_fns = Updates(settings, compile=True, device=CUDA)
+    eager_fns = StepFunctions(settings, compile=False, device=CUDA)
+    compiled_fns = StepFunctions(settings, compile=True, device=CUDA)
     assert compiled_fns.cuda_graphs
     base, batches = spaced_roles(CUDA)
     for kind in KINDS:  # one eager step of each, so that the momentum buffers are not zero
@@ -395,7 +395,7 @@ def test_compiled_cuda_graph_step_matches_eager_step_and_never_recompiles(float3
     losses = []
     with torch.compiler.set_stance("fail_on_recompile"):
         for i in range(50):
-            lr = lr_at("cosine", CFG.lr, i, 50)
+            lr = 0.5 * CFG.lr * (1.0 + math.cos(math.pi * i / 50))
             set_lr(compiled[1], lr)
             set_lr(compiled[3], lr)
             for kind in KINDS:
@@ -454,3 +454,9 @@ def test_one_gpu_torchrun_trains_bit_identical_weights_to_the_plain_run(tmp_path
         assert a.keys() == b.keys(), net
         differ = {k: (a[k].double() - b[k].double()).abs().max().item() for k in b if not torch.equal(a[k], b[k])}
         assert not differ, f"{net}: tensors differ (largest absolute difference each): {differ}"
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Write `lr` into the optimizer's device lr tensors, as the engine's LrSchedule does inside a step."""
+    for group in optimizer.param_groups:
+        group["lr"].fill_(lr)

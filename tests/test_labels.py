@@ -1,4 +1,4 @@
-"""Every batch's labels are range-checked inside the step (fastkd.books.LabelGuard), not only the first batch's: a bad
+"""Every batch's labels are range-checked inside the step (fastkd.step_records.LabelGuard), not only the first batch's: a bad
 label in a later batch stops the run at the next check with one line naming the step, the batch and the label, and
 the checkpoint left is the last one before that step."""
 import dataclasses
@@ -107,7 +107,7 @@ def test_the_guarded_steps_compile_whole_once_and_stop_on_a_bad_label(tmp_path, 
     """fullgraph: a graph break in the label check would raise; after each kind's first call the run goes on under
     "fail_on_recompile", so a recompile per batch (e.g. on the bad batch) would raise too."""
     torch._dynamo.reset()
-    real_call, calls = engine.Updates.__call__, {}
+    real_call, calls = engine.StepFunctions.__call__, {}
 
     def strict_call(self, kind, *args, **kwargs):
         calls[kind] = calls.get(kind, 0) + 1
@@ -116,12 +116,12 @@ def test_the_guarded_steps_compile_whole_once_and_stop_on_a_bad_label(tmp_path, 
         with torch.compiler.set_stance("fail_on_recompile"):
             return real_call(self, kind, *args, **kwargs)
 
-    monkeypatch.setattr(engine.Updates, "__call__", strict_call)
+    monkeypatch.setattr(engine.StepFunctions, "__call__", strict_call)
     poison_batch(monkeypatch, epoch=1, position=2, label=4)
     bad_step = first_step_on("spaced", 0.7, PER_EPOCH + 2)
     with pytest.raises(ValueError, match=rf"^label 4 out of range \[0, 4\) at step {bad_step} "):
         fastkd.fit("spaced", **RUN, interval=0.7, compile=True, out=tmp_path / "run", quiet=True)
-    assert set(calls) == {"ce", "distill"} and min(calls.values()) > 8, calls
+    assert set(calls) == {"ce", "replay"} and min(calls.values()) > 8, calls
 
 
 RANK_SCRIPT = """

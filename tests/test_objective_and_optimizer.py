@@ -14,12 +14,13 @@ from torch import nn
 
 import fastkd
 from fastkd import engine
-from fastkd import updates as updates_module
+from fastkd import step_functions as updates_module
 from fastkd.config import Config
 from fastkd.data import TensorBatches, load_dataset
 from fastkd.models import build_model
-from fastkd.optim import init_momentum, lr_at, make_sgd, set_lr, sgd_update
-from fastkd.updates import LossSettings, ce_step, replay_step, soft_loss
+from fastkd.optim import init_momentum, make_sgd, sgd_update
+from fastkd.step_records import LrSchedule
+from fastkd.step_functions import LossSettings, ce_step, replay_step, soft_loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -53,14 +54,16 @@ def test_sgd_update_equals_torch_sgd_in_float64_over_50_cosine_steps():
     ref_opt = torch.optim.SGD(reference.parameters(), lr=base_lr, momentum=0.9, weight_decay=5e-4)
     unused_before = [p.detach().clone() for p in ours.unused.parameters()]
     trained = list(zip(ours.body.parameters(), reference.body.parameters()))
+    schedule = LrSchedule(opt, "cosine", base_lr, total, "cpu")
     for k in range(total):
-        set_lr(opt, lr_at("cosine", base_lr, k, total))
+        schedule.set_lr()
+        schedule.steps.add_(1)
         # make_sgd keeps the lr in a float32 tensor (torch.tensor's default dtype), so the update multiplies by the
         # float32-rounded lr. torch.optim.SGD gets that SAME value, read back from the tensor: the comparison is
         # then between two float64 computations of one update, and 1e-12 is an honest bound. The rounding itself
         # is at most half an ulp of float32 (relative 2**-24) from the schedule's value:
         lr = float(opt.param_groups[0]["lr"])
-        assert lr == pytest.approx(lr_at("cosine", base_lr, k, total), rel=2 ** -24, abs=0)
+        assert lr == pytest.approx(_cosine(base_lr, k, total), rel=2 ** -24, abs=0)
         ref_opt.param_groups[0]["lr"] = lr
         x, y = data[k % len(data)]
         F.cross_entropy(ours(x), y).backward()
@@ -81,21 +84,31 @@ def test_sgd_update_equals_torch_sgd_in_float64_over_50_cosine_steps():
     assert float(opt.param_groups[0]["lr"]) < base_lr / 500  # the schedule really moved the device lr (to 4.9e-5)
 
 
-def test_lr_at_follows_the_cosine_closed_form_and_constant_stays_put():
+def _cosine(base: float, k: int, total: int) -> float:
+    return 0.5 * base * (1.0 + math.cos(math.pi * min(k, total) / total))
+
+
+def _device_lrs(kind: str, base: float, total: int, steps: int) -> list[float]:
+    """The lr LrSchedule writes into the optimizer's lr tensor before each of `steps` steps."""
+    optimizer = make_sgd(nn.Linear(2, 2), base, 0.9, 0.0)
+    schedule, lrs = LrSchedule(optimizer, kind, base, total, "cpu"), []
+    for _ in range(steps):
+        schedule.set_lr()
+        lrs.append(float(optimizer.param_groups[0]["lr"]))
+        schedule.steps.add_(1)
+    return lrs
+
+
+def test_lr_schedule_follows_the_cosine_closed_form_and_constant_stays_put():
     base, total = 0.05, 80
-    # 0.5·base·(1 + cos(π·k/total)); cos(π) = −1 exactly in float64, so the end is exactly 0.
-    assert lr_at("cosine", base, 0, total) == base
-    assert lr_at("cosine", base, total // 2, total) == pytest.approx(base / 2, rel=1e-15)  # cos(π/2) ≈ 6e-17
-    assert lr_at("cosine", base, total // 4, total) == pytest.approx(base * (1 + math.cos(math.pi / 4)) / 2,
-                                                                     rel=1e-15)
-    assert lr_at("cosine", base, 3 * total // 4, total) == pytest.approx(base * (1 - math.cos(math.pi / 4)) / 2,
-                                                                         rel=1e-14)
-    assert lr_at("cosine", base, total, total) == 0.0
-    assert lr_at("cosine", base, total + 7, total) == 0.0  # beyond the end it stays at 0, never rises again
-    schedule = [lr_at("cosine", base, k, total) for k in range(total + 1)]
-    assert all(a > b for a, b in zip(schedule, schedule[1:]))  # strictly decreasing over the schedule
-    for k in (0, 1, total // 2, total - 1, total, total + 100):
-        assert lr_at("constant", base, k, total) == base
+    # 0.5·base·(1 + cos(π·k/total)) in float64, rounded once into the float32 lr tensor; cos(π) = −1 exactly, so
+    # the end is exactly 0.
+    lrs = _device_lrs("cosine", base, total, total + 8)
+    for k in (0, total // 4, total // 2, 3 * total // 4, total - 1):
+        assert lrs[k] == pytest.approx(_cosine(base, k, total), rel=2 ** -24, abs=0), k
+    assert lrs[total] == 0.0 and lrs[total + 7] == 0.0  # beyond the end it stays at 0, never rises again
+    assert all(a > b for a, b in zip(lrs[:total + 1], lrs[1:total + 1]))  # strictly decreasing over the schedule
+    assert set(_device_lrs("constant", base, total, total + 100)) == {float(torch.tensor(base))}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,7 +129,7 @@ def _spaced_run(out_dir, **overrides) -> dict:
     real_run_step, real_soft_loss = engine.run_step, updates_module.soft_loss
 
     def recording_run_step(step, role, roles, fns, batch, *rest):
-        if step.kind != "distill":
+        if step.kind != "replay":
             return real_run_step(step, role, roles, fns, batch, *rest)
         teacher = roles["teacher"].model
         norms = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import engine, updates
+from fastkd import engine, step_functions as updates
 from fastkd.data import TensorBatches
 from fastkd.data.registry import load_synthetic
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, make_sgd
 from fastkd.schedule import METHODS, TEACHER_METHODS
-from fastkd.updates import LossSettings, Updates
+from fastkd.step_functions import LossSettings, StepFunctions
 
 SMALL = dict(dataset="synthetic", epochs=2, batch_size=32, train_subset=96, teacher="tiny", student="tiny",
              device="cpu", quiet=True)
@@ -70,15 +70,15 @@ def test_compiled_bf16_steps_and_evaluation_compile_once(tmp_path, monkeypatch):
         with torch.compiler.set_stance("fail_on_recompile"):
             return fn()
 
-    real_step, real_test = Updates.__call__, engine.TestForward.__call__
-    monkeypatch.setattr(Updates, "__call__",
+    real_step, real_test = StepFunctions.__call__, engine.TestForward.__call__
+    monkeypatch.setattr(StepFunctions, "__call__",
                         lambda self, kind, *a, **k: strictly(kind, lambda: real_step(self, kind, *a, **k)))
     monkeypatch.setattr(engine.TestForward, "__call__",
                         lambda self, model, x: strictly((id(model), x.shape), lambda: real_test(self, model, x)))
     _run(tmp_path, "compiled", "spaced", precision="bf16", compile=True, train_subset=None, eval_batch_size=48)
     steps = {k: v for k, v in calls.items() if isinstance(k, str)}
     tests = {k: v for k, v in calls.items() if not isinstance(k, str)}
-    assert set(steps) == {"ce", "distill"} and min(steps.values()) > 8, steps
+    assert set(steps) == {"ce", "replay"} and min(steps.values()) > 8, steps
     assert len(tests) == 4 and min(tests.values()) >= 2, tests  # 2 models × (48, the tail of 16) each epoch
 
 
@@ -91,7 +91,7 @@ def test_a_channels_last_step_computes_the_nchw_step():
         model = build_model("tiny", data.info).to(memory_format=memory_format)
         optimizer = make_sgd(model, 0.05, 0.9, 5e-4)
         init_momentum(optimizer)
-        step = Updates(LossSettings(3.0, 0.3, 0.03), compile=False, device=torch.device("cpu"))
+        step = StepFunctions(LossSettings(3.0, 0.3, 0.03), compile=False, device=torch.device("cpu"))
         loss, _, logits, _ = step("ce", model, optimizer, x.contiguous(memory_format=memory_format), y)
         results.append((loss, logits, [p.detach().clone() for p in model.parameters()]))
     (loss0, logits0, weights0), (loss1, logits1, weights1) = results

@@ -134,9 +134,9 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    from fastkd.books import StepBooks
+    from fastkd.step_records import StepRecorder
 
-    real_record = StepBooks.record
+    real_record = StepRecorder.record
     calls = []
 
     def poisoned(books, loss, terms):
@@ -145,7 +145,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
             loss, terms = loss * float("inf"), terms * torch.tensor([1.0, float("inf"), 1.0, 1.0])
         return real_record(books, loss, terms)
 
-    monkeypatch.setattr(StepBooks, "record", poisoned)
+    monkeypatch.setattr(StepRecorder, "record", poisoned)
     out = tmp_path / "run"
     assert main(["--method", "spaced", *RUN, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

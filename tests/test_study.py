@@ -44,6 +44,9 @@ def test_smoke_run_writes_every_output(smoke, capsys):
     for method in METHODS.split(","):
         assert f"| {method} | 2 |" in table
     assert "spaced − online" in table and "95% CI" in table and "train loss" in table
+    # The term each two-network run trained with (tiny and tiny: equal widths, so auto ran dist), not the setting.
+    assert "feature term dist (two-network methods)" in table and "auto" not in table
+    assert {r["feature_term"] for r in runs if r["method"] in ("online", "spaced")} == {"dist"}
 
 
 def test_second_invocation_skips_finished_runs(smoke, capsys):
@@ -132,8 +135,8 @@ def test_aggregates_of_finished_runs_match_hand_computed_statistics(tmp_path, mo
     def must_not_run(*_args):
         raise AssertionError("a finished, analysed run was trained or analysed again")
 
-    monkeypatch.setattr(study, "train_run", must_not_run)
-    monkeypatch.setattr(study, "analyse_run", must_not_run)
+    monkeypatch.setattr(study.runs, "train_run", must_not_run)
+    monkeypatch.setattr(study.runs, "analyse_run", must_not_run)
     assert study.main(args) == 0
     assert capsys.readouterr().out.count("done earlier, skipped") == 6
     agg = json.loads((tmp_path / "results.json").read_text())["aggregate"]
@@ -236,3 +239,16 @@ def test_official_point_pairs_the_preset_runs_at_the_study_budget(tmp_path):
     assert (official.lr, official.lr_schedule, official.feature_loss) == (0.01, "constant", "dist")
     assert study.study_pairs(["spaced", "spaced+official", "online+official"]) == [
         ("spaced+official", "online+official")]
+
+
+def test_results_md_names_the_feature_term_each_label_ran(tmp_path):
+    from fastkd.config import Config
+    from fastkd.study.report import write_markdown
+
+    results = [{"label": label, "method": method, "feature_term": term} for label, method, term in (
+        ("online", "online", "dist"), ("spaced", "spaced", "dist"), ("offline", "offline", "none"),
+        ("self", "self", "none"))]
+    write_markdown(tmp_path / "results.md", {"methods": {}, "paired": {}}, "python -m fastkd.study",
+                   [Config(method="spaced").resolve_defaults()], results)
+    text = (tmp_path / "results.md").read_text()
+    assert ", feature term dist (online, spaced); none (offline)." in text and "auto" not in text

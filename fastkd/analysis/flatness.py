@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp
 
 from .stats import mean_std
 
@@ -67,25 +68,26 @@ def training_loss(model: nn.Module, batches: Batches) -> float:
 def hutchinson_trace(model: nn.Module, batches: Batches, probes: int = 32, seed: int = 0) -> Estimate:
     """tr(H) of the loss over the model's parameters, estimated as the mean of vᵀHv over Rademacher probes v.
 
-    Each vᵀHv is a Hessian-vector product by double backward, summed over the batches; the gradient graph of a
-    batch is built once and reused by every probe. The standard error is over the probes.
+    Each vᵀHv is a Hessian-vector product (torch.func: forward-mode jvp of the gradient), summed over the batches.
+    Parameters the loss does not reach (a multi-exit net's shallow heads) have zero gradients. The standard error is
+    over the probes.
     """
     if probes < 2:
         raise ValueError(f"probes must be >= 2 to report a standard error, got {probes}")
-    params = _params(model)
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     g = torch.Generator().manual_seed(seed)
-    vs = [[(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p.device, p.dtype) for p in params]
-          for _ in range(probes)]
+    vs = [{name: (torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p.device, p.dtype)
+           for name, p in params.items()} for _ in range(probes)]
+    total = sum(len(y) for _, y in batches)
     samples = [0.0] * probes
     with _eval_mode(model):
-        for loss in _weighted_losses(model, batches):
-            # Parameters the loss does not reach (a multi-exit net's shallow heads) get zero gradients.
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
+        for x, y in batches:
+            def loss(weights, x=x, y=y):  # this batch's share of the mean loss, as a function of the weights
+                return F.cross_entropy(_logits(functional_call(model, weights, (x,))), y, reduction="sum") / total
+
             for i, v in enumerate(vs):
-                grad_dot_v = sum((gr * vi).sum() for gr, vi in zip(grads, v))
-                hv = torch.autograd.grad(grad_dot_v, params, retain_graph=True, allow_unused=True,
-                                         materialize_grads=True)
-                samples[i] += float(sum((h * vi).sum() for h, vi in zip(hv, v)))
+                _, hv = jvp(grad(loss), (params,), (v,))
+                samples[i] += float(sum((hv[name] * v[name]).sum() for name in params))
     return _estimate(samples)
 
 

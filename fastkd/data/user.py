@@ -23,17 +23,18 @@ def sample_seed(seed: int, epoch: int, position: int, place: int) -> int:
 
 
 def seeded_item(dataset, index: int, seed: int):
-    """dataset[index] with torch's CPU generator, `random` and numpy seeded from `seed`; their states restored."""
-    saved = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    try:
-        return dataset[index]
-    finally:
-        torch.default_generator.set_state(saved[0])
-        random.setstate(saved[1])
-        np.random.set_state(saved[2])
+    """dataset[index] with torch's CPU generator, `random` and numpy seeded from `seed`; their states restored (torch's
+    by torch.random.fork_rng; Python's and numpy's have no such context manager)."""
+    saved = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only, as the datasets draw from
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        try:
+            return dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
 
 
 def checked_sample(item, dataset, index: int) -> tuple[Tensor, int]:

@@ -1,31 +1,34 @@
-"""The books a step keeps inside its graph (lr from the step count, loss total, non-finite guard), and compiled
+"""What a step records inside its graph (lr from the step count, loss total, non-finite guard), and compiled
 steps that survive many runs in one process."""
+import math
+
 import pytest
 import torch
 
-from fastkd.books import LabelGuard, LrSchedule, NonFiniteGuard, RunningMean, StepBooks
+from fastkd.step_records import LabelGuard, LrSchedule, NonFiniteGuard, RunningMean, StepRecorder
 from fastkd.data.registry import load_synthetic
 from fastkd.models import build_model
-from fastkd.optim import init_momentum, lr_at, make_sgd
-from fastkd.updates import LossSettings, Updates
+from fastkd.optim import init_momentum, make_sgd
+from fastkd.step_functions import LossSettings, StepFunctions
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
-def test_the_device_lr_is_the_host_formula_to_the_last_bit(schedule):
+def test_the_device_lr_is_the_float64_closed_form_to_the_last_bit(schedule):
     model = torch.nn.Linear(3, 2)
     optimizer = make_sgd(model, 0.05, 0.9, 5e-4)
     lrs = LrSchedule(optimizer, schedule, 0.05, 37, torch.device("cpu"))
     for step in range(40):  # past the end too: the cosine stays at 0 there
         lrs.set_lr()
-        expected = torch.tensor(lr_at(schedule, 0.05, step, 37), dtype=torch.float32)
+        host = 0.05 if schedule == "constant" else 0.5 * 0.05 * (1.0 + math.cos(math.pi * min(step, 37) / 37))
+        expected = torch.tensor(host, dtype=torch.float32)
         assert torch.equal(optimizer.param_groups[0]["lr"], expected), step
         lrs.steps.add_(1)
 
 
-def test_books_record_the_loss_and_the_first_non_finite_step():
+def test_recorder_records_the_loss_and_the_first_non_finite_step():
     model = torch.nn.Linear(3, 2)
     losses, guard = RunningMean("cpu"), NonFiniteGuard("cpu", steps_done=5)
-    books = StepBooks(LrSchedule(make_sgd(model, 0.1, 0.9, 0.0), "constant", 0.1, 10, "cpu"), losses, guard)
+    books = StepRecorder(LrSchedule(make_sgd(model, 0.1, 0.9, 0.0), "constant", 0.1, 10, "cpu"), losses, guard)
     for loss in (1.5, 2.0, float("nan"), float("inf")):
         books.before()
         books.record(torch.tensor(loss), torch.tensor([loss, 1.0, 2.0, 3.0]))
@@ -37,7 +40,7 @@ def test_books_record_the_loss_and_the_first_non_finite_step():
 def test_the_label_guard_records_the_first_bad_step_and_label_and_passes_safe_labels():
     model = torch.nn.Linear(3, 2)
     guard = NonFiniteGuard("cpu", steps_done=5)
-    books = StepBooks(LrSchedule(make_sgd(model, 0.1, 0.9, 0.0), "constant", 0.1, 10, "cpu"), RunningMean("cpu"),
+    books = StepRecorder(LrSchedule(make_sgd(model, 0.1, 0.9, 0.0), "constant", 0.1, 10, "cpu"), RunningMean("cpu"),
                       guard, LabelGuard(guard))
     seen = []
     for y in ([0, 3, 1], [2, 4, -1, 5], [-7, 0, 0]):  # 4 classes: the run's 7th step holds 4 first, then -1 and 5
@@ -59,6 +62,6 @@ def test_compiled_steps_survive_more_runs_in_one_process_than_a_compile_cache_ho
         model = build_model("tiny", data.info)
         optimizer = make_sgd(model, 0.05, 0.9, 5e-4)
         init_momentum(optimizer)
-        loss, *_ = Updates(LossSettings(3.0, 0.3, 0.03), compile=True, device=torch.device("cpu"))(
+        loss, *_ = StepFunctions(LossSettings(3.0, 0.3, 0.03), compile=True, device=torch.device("cpu"))(
             "ce", model, optimizer, x, y)
         assert torch.isfinite(loss), run
