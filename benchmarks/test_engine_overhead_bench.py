@@ -1,5 +1,5 @@
 """The engine's host overhead per step: `engine.train` on a trivial compiled model against a bare Python loop that
-calls the same compiled step (with the same in-graph books) on the same batches from the same batch source.
+calls the same compiled step (with the same in-graph step records) on the same batches from the same batch source.
 
 Both include the loader's hand-off; the engine adds what it does around a step (the schedule walk, counters, each
 epoch's evaluation and checkpoint). Each loop runs 1 and 5 epochs of 200 steps: the difference of the two medians
@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from fastkd import engine
-from fastkd.books import LrSchedule, NonFiniteGuard, RunningMean, StepBooks
 from fastkd.config import Config
 from fastkd.data import TensorBatches
 from fastkd.data.registry import load_synthetic
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, make_sgd
-from fastkd.updates import LossSettings, Updates
+from fastkd.step_functions import LossSettings, StepFunctions
+from fastkd.step_records import LrSchedule, NonFiniteGuard, RunningMean, StepRecorder
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -43,11 +43,11 @@ def _bare_loop(model, epochs):
     batches = TensorBatches(DATA, CFG.batch_size, CFG.seed, DEVICE)
     optimizer = make_sgd(model, CFG.lr, CFG.momentum, CFG.weight_decay)
     init_momentum(optimizer)
-    books = StepBooks(LrSchedule(optimizer, CFG.lr_schedule, CFG.lr, epochs * STEPS, DEVICE), RunningMean(DEVICE),
-                      NonFiniteGuard(DEVICE))
-    updates = Updates(LossSettings(CFG.temperature, CFG.alpha, CFG.beta), compile=True, device=DEVICE)
+    schedule = LrSchedule(optimizer, CFG.lr_schedule, CFG.lr, epochs * STEPS, DEVICE)
+    recorder = StepRecorder(schedule, RunningMean(DEVICE), NonFiniteGuard(DEVICE))
+    steps = StepFunctions(LossSettings(CFG.temperature, CFG.alpha, CFG.beta), compile=True, device=DEVICE)
     for batch in batches.stream((e, p) for e in range(epochs) for p in range(STEPS)):
-        updates("ce", model, optimizer, batch.x, batch.y, books=books)
+        steps("ce", model, optimizer, batch.x, batch.y, recorder=recorder)
     if CUDA:
         torch.cuda.synchronize()
 

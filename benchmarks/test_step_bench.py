@@ -12,7 +12,7 @@ import torch
 from fastkd.data import DatasetInfo
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, make_sgd
-from fastkd.updates import LossSettings, Updates
+from fastkd.step_functions import LossSettings, StepFunctions
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -41,15 +41,15 @@ def test_spaced_kd_step_throughput(benchmark, variant):
     memory_format = torch.channels_last if layout == "channels-last" else torch.contiguous_format
     torch.manual_seed(0)
     (teacher, t_opt), (student, s_opt) = _role(memory_format), _role(memory_format)
-    fns = Updates(LossSettings(3.0, 0.3, 0.03), compile=how != "eager", device=DEVICE,
-                  cuda_graphs=how == "compiled+cudagraphs", precision=precision)
+    fns = StepFunctions(LossSettings(3.0, 0.3, 0.03), compile=how != "eager", device=DEVICE,
+                        cuda_graphs=how == "compiled+cudagraphs", precision=precision)
     x = torch.randn(BATCH, 3, 64, 64, device=DEVICE).contiguous(memory_format=memory_format)
     y = torch.randint(0, 200, (BATCH,), device=DEVICE)
 
     def spaced_round():
         fns("ce", teacher, t_opt, x, y)
         teacher.eval()
-        loss, _ = fns("distill", student, teacher, s_opt, x, y)
+        loss, _ = fns("replay", student, teacher, s_opt, x, y)
         teacher.train()
         if CUDA:
             torch.cuda.synchronize()
