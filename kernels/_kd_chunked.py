@@ -45,13 +45,15 @@ def auto_chunk_size(n: int, vocabulary: int, dtype: torch.dtype, device: torch.d
 
 def _rows_and_grad(s, t, y, hyper, write_grad: bool, use_triton: bool, grad_out: Optional[Tensor]):
     """One chunk through the fused kernel: its loss rows and, if asked, ∂(Σ rows)/∂s into grad_out."""
-    temperature, alpha, ignore_index = hyper
+    temperature, alpha, ignore_index, *divergence = hyper  # divergence: (index, jsd_beta, softcap), if given
+    divergence = dict(zip(("divergence", "jsd_beta", "softcap"), divergence))
     if use_triton:
         rows = torch.empty(s.shape[0], dtype=_kd._result_dtype(s), device=s.device)
-        _kd.launch_kd_kernel(s, t, y, temperature, alpha, ignore_index, rows, grad_out if write_grad else None)
+        _kd.launch_kd_kernel(s, t, y, temperature, alpha, ignore_index, rows, grad_out if write_grad else None,
+                             **divergence)
         return rows, grad_out
     rows, _, grad = _kd._cpu_forward(s, t, y, temperature, alpha, ignore_index,
-                                     _kd.GRAD if write_grad else _kd.LOSS_ONLY, _kd.NONE, grad_out)
+                                     _kd.GRAD if write_grad else _kd.LOSS_ONLY, _kd.NONE, grad_out, **divergence)
     return rows, grad
 
 

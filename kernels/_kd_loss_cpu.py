@@ -29,7 +29,7 @@ FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-sh
 DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2, "torch.float64": 3}
 _ARGTYPES = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
              + [ctypes.c_int64] * 2 + [ctypes.c_double] * 4 + [ctypes.c_int64, ctypes.c_int]
-             + [ctypes.c_void_p] * 3 + [ctypes.c_int])
+             + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_double] * 2)
 
 
 def cache_dir() -> Path:
@@ -189,14 +189,16 @@ def kernel():
 
 
 def run(s, t, target, inv_t, kl_loss_scale, kl_grad_scale, ce_weight, ignore_index, reduction, rows, reduced,
-        grad) -> None:
+        grad, divergence=0, jsd_beta=0.5, softcap=None) -> None:
     """Fill rows (N,), reduced () (unless reduction is NONE) and grad (N, C) contiguous (or None) for CPU tensors
-    s, t with classes at stride 1 and target None or int64 contiguous."""
+    s, t with classes at stride 1 and target None or int64 contiguous. divergence: an index of
+    _kd_loss_triton.DIVERGENCES; softcap None for none."""
     import torch
     status = kernel()(DTYPE_CODES[str(s.dtype)], s.data_ptr(), s.stride(0), t.data_ptr(), t.stride(0),
                       None if target is None else target.data_ptr(), s.shape[0], s.shape[1], inv_t, kl_loss_scale,
                       kl_grad_scale, ce_weight, ignore_index, reduction, rows.data_ptr(), reduced.data_ptr(),
-                      None if grad is None else grad.data_ptr(), torch.get_num_threads())
+                      None if grad is None else grad.data_ptr(), torch.get_num_threads(), divergence, jsd_beta,
+                      0.0 if softcap is None else softcap)
     if status == 1:
         raise MemoryError(f"fastkd: kd_loss on the CPU could not allocate its scratch rows ({s.shape[1]} classes)")
     if status != 0:

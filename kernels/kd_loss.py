@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from . import _kd_loss_cpu as _cpu
 from . import _kd_loss_triton as _tk
+from . import _kd_reference as _ref
 
 __all__ = ["kd_loss", "KDLoss", "kd_loss_reference", "kd_loss_linear", "kd_loss_sparse", "KDLinearLoss"]  # noqa: F822
 
@@ -68,9 +69,17 @@ def _contiguous_target(target):
     return target.contiguous() if target is not None else None
 
 
-def launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad=None, stats=None, scale=None):
-    """Fill `rows` (N,) with the per-row losses; if given, `stats` (N, 3) with the backward's log-sum-exps and
-    `grad` (N, C) contiguous with ∂ℓ/∂s times `scale` (a 0-d float32 device tensor; 1 if None)."""
+def _divergence_args(divergence: int, jsd_beta: float, softcap: Optional[float]) -> dict:
+    # β and the cap are runtime arguments (no recompile per value); the divergence and whether to cap select code.
+    return dict(beta=jsd_beta, softcap=1.0 if softcap is None else softcap, DIVERGENCE=divergence,
+                SOFTCAP=softcap is not None)
+
+
+def launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad=None, stats=None, scale=None,
+                     divergence=_tk.FORWARD_KL, jsd_beta=0.5, softcap=None):
+    """Fill `rows` (N,) with the per-row losses; if given, `stats` (N, stats_per_row(divergence)) with the
+    backward's statistics and `grad` (N, C) contiguous with ∂ℓ/∂s times `scale` (a 0-d float32 device tensor; 1 if
+    None)."""
     n, c = s.shape
     target = _contiguous_target(target)
     write_grad, store_stats = grad is not None, stats is not None
@@ -82,7 +91,8 @@ def launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad=
             grad if write_grad else unused, scale if write_grad else unused,
             c, s.stride(0), s.stride(1), t.stride(0), t.stride(1),
             inv_t, kl_loss_scale, kl_grad_scale, ce_weight, ignore_index)
-    flags = dict(HAS_TARGET=target is not None, STORE_STATS=store_stats, WRITE_GRAD=write_grad)
+    flags = dict(HAS_TARGET=target is not None, STORE_STATS=store_stats, WRITE_GRAD=write_grad,
+                 **_divergence_args(divergence, jsd_beta, softcap))
     single = _row_launch(c)
     if single is not None:
         _tk.kd_loss_fwd_kernel[(n,)](*args, **flags, **single)
@@ -93,7 +103,8 @@ def launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad=
         _tk.kd_loss_fwd_stream_kernel[(n,)](*args, **flags, SINGLE_BLOCK=False)
 
 
-def launch_kd_backward(s, t, target, stats, grad_rows, temperature, alpha, ignore_index, grad):
+def launch_kd_backward(s, t, target, stats, grad_rows, temperature, alpha, ignore_index, grad,
+                       divergence=_tk.FORWARD_KL, jsd_beta=0.5, softcap=None):
     """Fill `grad` (N, C) contiguous with grad_rows[i] · ∂ℓᵢ/∂sᵢ from the forward's `stats`."""
     n, c = s.shape
     target = _contiguous_target(target)
@@ -101,24 +112,26 @@ def launch_kd_backward(s, t, target, stats, grad_rows, temperature, alpha, ignor
     args = (s, t, target if target is not None else stats, stats, grad_rows, grad,
             c, s.stride(0), s.stride(1), t.stride(0), t.stride(1),
             1.0 / temperature, kl_grad_scale, ce_weight, ignore_index)
+    flags = dict(HAS_TARGET=target is not None, **_divergence_args(divergence, jsd_beta, softcap))
     single = _row_launch(c)
     if single is not None:
-        _tk.kd_loss_bwd_kernel[(n,)](*args, HAS_TARGET=target is not None, **single)
+        _tk.kd_loss_bwd_kernel[(n,)](*args, **flags, **single)
     elif _tk.INTERPRETED:
-        _tk.kd_loss_bwd_kernel[(n,)](*args, HAS_TARGET=target is not None, SINGLE_BLOCK=False,
-                                     BLOCK=_tk.STREAM_BLOCK, num_warps=8)
+        _tk.kd_loss_bwd_kernel[(n,)](*args, **flags, SINGLE_BLOCK=False, BLOCK=_tk.STREAM_BLOCK, num_warps=8)
     else:
-        _tk.kd_loss_bwd_stream_kernel[(n,)](*args, HAS_TARGET=target is not None, SINGLE_BLOCK=False)
+        _tk.kd_loss_bwd_stream_kernel[(n,)](*args, **flags, SINGLE_BLOCK=False)
 
 
-def _triton_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction):
+def _triton_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction, *, divergence=_tk.FORWARD_KL,
+                    jsd_beta=0.5, softcap=None):
     n, c = s.shape
     rows = torch.empty(n, dtype=_result_dtype(s), device=s.device)
-    stats = torch.empty((n, _tk.STATS_PER_ROW) if mode == STATS else (0,), dtype=torch.float32, device=s.device)
+    stats = torch.empty((n, _tk.stats_per_row(divergence)) if mode == STATS else (0,), dtype=torch.float32,
+                        device=s.device)
     grad = torch.empty((n, c) if mode == FUSED else (0,), dtype=s.dtype, device=s.device)
     scale = _reduction_scale(s, target, ignore_index, _REDUCTIONS[reduction]) if mode == FUSED else None
     launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad if mode == FUSED else None,
-                     stats if mode == STATS else None, scale)
+                     stats if mode == STATS else None, scale, divergence, jsd_beta, softcap)
     return _reduce(rows, target, ignore_index, _REDUCTIONS[reduction]), stats, grad
 
 
@@ -126,7 +139,8 @@ def _triton_forward(s, t, target, temperature, alpha, ignore_index, mode, reduct
 # The CPU implementation: kd_loss_cpu.cpp, a native kernel built once per machine (_kd_loss_cpu).
 # --------------------------------------------------------------------------------------------------------------------
 
-def _cpu_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction, grad_out=None):
+def _cpu_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction, grad_out=None, *,
+                 divergence=_tk.FORWARD_KL, jsd_beta=0.5, softcap=None):
     """The op's outputs (as _triton_forward's); the gradient is written into grad_out ((N, C) contiguous) if given."""
     # The kernel reads each row at stride 1 (any row stride) and target as contiguous int64.
     s = s if s.stride(1) == 1 or s.shape[1] == 1 else s.contiguous()
@@ -142,7 +156,7 @@ def _cpu_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction
     else:
         grad = torch.empty((n, c), dtype=s.dtype) if grad_out is None else grad_out
     _cpu.run(s, t, target, *_scalars(temperature, alpha), ignore_index, reduction, rows, reduced,
-             grad if write_grad else None)
+             grad if write_grad else None, divergence, jsd_beta, softcap)
     return rows if reduction == NONE else reduced, s.new_empty(0, dtype=torch.float32), grad
 
 
@@ -152,43 +166,50 @@ def _cpu_forward(s, t, target, temperature, alpha, ignore_index, mode, reduction
 
 @torch.library.custom_op("fastkd::kd_loss_forward", mutates_args=())
 def _kd_loss_forward(s: Tensor, t: Tensor, target: Optional[Tensor], temperature: float, alpha: float,
-                     ignore_index: int, mode: int, reduction: int, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     ignore_index: int, mode: int, reduction: int, use_triton: bool, divergence: int = 0,
+                     jsd_beta: float = 0.5, softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(the reduced loss, or the per-row losses for NONE; STATS: (N, 3) log-sum-exps; GRAD/FUSED: (N, C) gradient
     of the reduced loss); unused outputs are empty."""
     implementation = _triton_forward if use_triton else _cpu_forward
-    return implementation(s, t, target, temperature, alpha, ignore_index, mode, reduction)
+    return implementation(s, t, target, temperature, alpha, ignore_index, mode, reduction, divergence=divergence,
+                          jsd_beta=jsd_beta, softcap=softcap)
 
 
 @_kd_loss_forward.register_fake
-def _(s, t, target, temperature, alpha, ignore_index, mode, reduction, use_triton):
+def _(s, t, target, temperature, alpha, ignore_index, mode, reduction, use_triton, divergence=0, jsd_beta=0.5,
+      softcap=None):
     n, c = s.shape
-    stats = s.new_empty((n, _tk.STATS_PER_ROW) if mode == STATS else (0,), dtype=torch.float32)
+    stats = s.new_empty((n, _tk.stats_per_row(divergence)) if mode == STATS else (0,), dtype=torch.float32)
     grad = s.new_empty((n, c) if mode in (GRAD, FUSED) else (0,))
     return s.new_empty((n,) if reduction == NONE else (), dtype=_result_dtype(s)), stats, grad
 
 
 @torch.library.custom_op("fastkd::kd_loss_backward", mutates_args=())
 def _kd_loss_backward(s: Tensor, t: Tensor, target: Optional[Tensor], stats: Tensor, grad_rows: Tensor,
-                      temperature: float, alpha: float, ignore_index: int) -> Tensor:
-    """Triton: grad_rows[i] · ∂ℓᵢ/∂sᵢ, recomputed from the saved log-sum-exps."""
-    return _recomputed_grad(s, t, target, stats, grad_rows, temperature, alpha, ignore_index)
+                      temperature: float, alpha: float, ignore_index: int, divergence: int, jsd_beta: float,
+                      softcap: Optional[float]) -> Tensor:
+    """Triton: grad_rows[i] · ∂ℓᵢ/∂sᵢ, recomputed from the saved statistics."""
+    return _recomputed_grad(s, t, target, stats, grad_rows, temperature, alpha, ignore_index, divergence, jsd_beta,
+                            softcap)
 
 
-def _recomputed_grad(s, t, target, stats, grad_rows, temperature, alpha, ignore_index):
+def _recomputed_grad(s, t, target, stats, grad_rows, temperature, alpha, ignore_index, divergence, jsd_beta,
+                     softcap):
     grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     launch_kd_backward(s, t, target, stats, grad_rows.to(torch.float32).contiguous(), temperature, alpha,
-                       ignore_index, grad)
+                       ignore_index, grad, divergence, jsd_beta, softcap)
     return grad
 
 
 @_kd_loss_backward.register_fake
-def _(s, t, target, stats, grad_rows, temperature, alpha, ignore_index):
+def _(s, t, target, stats, grad_rows, temperature, alpha, ignore_index, divergence, jsd_beta, softcap):
     return torch.empty_like(s, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    s, t, target, temperature, alpha, ignore_index, mode, reduction, _ = inputs
-    ctx.mode, ctx.reduction, ctx.hyper = mode, reduction, (temperature, alpha, ignore_index)
+    s, t, target, temperature, alpha, ignore_index, mode, reduction, _, divergence, jsd_beta, softcap = inputs
+    ctx.mode, ctx.reduction = mode, reduction
+    ctx.hyper = (temperature, alpha, ignore_index, divergence, jsd_beta, softcap)
     if mode == STATS:
         ctx.save_for_backward(s, t, target, output[1])
     else:
@@ -225,7 +246,7 @@ def _backward(ctx, grad_loss, _grad_of_stats, _grad_of_grad):
         student_grad = _scaled(grad, grad_loss)
     else:  # FUSED: the caller guarantees an incoming gradient of 1
         (student_grad,) = ctx.saved_tensors
-    return student_grad, *(None,) * 8
+    return student_grad, *(None,) * 11
 
 
 def _scaled(grad: Tensor, grad_loss: Tensor) -> Tensor:
@@ -244,9 +265,9 @@ class _EagerKDLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        *_, use_triton = inputs
+        *_, use_triton, divergence, jsd_beta, softcap = inputs
         implementation = _triton_forward if use_triton else _cpu_forward
-        output = implementation(*inputs[:-1])
+        output = implementation(*inputs[:-4], divergence=divergence, jsd_beta=jsd_beta, softcap=softcap)
         _setup_context(ctx, inputs, output)
         return output[0]
 
@@ -256,11 +277,11 @@ class _EagerKDLoss(torch.autograd.Function):
         if ctx.mode == STATS:  # straight to the kernel launch, not through the backward op's dispatch
             s, t, target, stats = ctx.saved_tensors
             return _recomputed_grad(s, t, target, stats, _row_gradients(ctx, grad_loss, s, target),
-                                    *ctx.hyper), *(None,) * 8
+                                    *ctx.hyper), *(None,) * 11
         if ctx.mode == GRAD and grad_loss.dim() == 0 and not grad_loss.is_cuda and grad_loss.item() == 1.0:
             # `loss.backward()` on the CPU: the saved gradient is the answer, as it is. (Reading a CPU scalar is no
             # device sync; a compiled graph takes the multiply in _backward instead, as it cannot branch on it.)
-            return ctx.saved_tensors[0], *(None,) * 8
+            return ctx.saved_tensors[0], *(None,) * 11
         return _backward(ctx, grad_loss, None, None)
 
 
@@ -268,15 +289,13 @@ class _EagerKDLoss(torch.autograd.Function):
 # The plain reference (autograd through log_softmax / cross_entropy).
 # --------------------------------------------------------------------------------------------------------------------
 
-def _reference_rows(s, t, target, temperature, alpha, ignore_index):
+def _reference_rows(s, t, target, temperature, alpha, ignore_index, divergence="forward_kl", jsd_beta=0.5,
+                    softcap=None):
     compute = _result_dtype(s)
-    s32, t32 = s.to(compute), t.detach().to(compute)
-    log_p_s = F.log_softmax(s32 / temperature, dim=1)
-    log_p_t = F.log_softmax(t32 / temperature, dim=1)
-    p_t = log_p_t.exp()
-    # 0·log 0 = 0 on masked (-inf) teacher classes; a NaN logit is not masked and reaches the loss.
-    kl = torch.where(t32 == -math.inf, 0.0, p_t * (log_p_t - log_p_s)).sum(1)
-    rows = alpha * temperature**2 * kl
+    s32 = _ref.soft_capped(s.to(compute), softcap)
+    t32 = _ref.soft_capped(t.detach().to(compute), softcap)
+    # 0·log 0 = 0 on masked (-inf) classes; a NaN logit is not masked and reaches the loss.
+    rows = alpha * temperature**2 * _ref.divergence_rows(s32, t32, temperature, divergence, jsd_beta)
     if target is not None:
         keep = target != ignore_index
         ce = F.cross_entropy(s32, target, ignore_index=ignore_index, reduction="none")
@@ -285,9 +304,10 @@ def _reference_rows(s, t, target, temperature, alpha, ignore_index):
 
 
 def kd_loss_reference(student_logits, teacher_logits, target=None, *, temperature=1.0, alpha=0.5,
-                      ignore_index=-100, reduction="mean"):
+                      ignore_index=-100, reduction="mean", divergence="forward_kl", jsd_beta=0.5, softcap=None):
     """The plain torch reference with autograd: same contract as `kd_loss`, no validation of target values."""
-    rows = _reference_rows(student_logits, teacher_logits, target, temperature, alpha, ignore_index)
+    rows = _reference_rows(student_logits, teacher_logits, target, temperature, alpha, ignore_index, divergence,
+                           jsd_beta, softcap)
     return _reduce(rows, target, ignore_index, reduction)
 
 
@@ -383,8 +403,13 @@ def _use_triton(s: Tensor, backend: str) -> bool:
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
             temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
-            backend: str = "auto", check_target: bool = True, fused_backward: bool = False) -> Tensor:
+            backend: str = "auto", check_target: bool = True, fused_backward: bool = False,
+            divergence: str = "forward_kl", jsd_beta: float = 0.5, softcap: Optional[float] = None) -> Tensor:
     """α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y) per row, reduced; float32 result.
+
+    divergence: "forward_kl" (the KL above), "reverse_kl" (KL(p_s ‖ p_t)) or "jsd" (β·KL(p_t ‖ m) + (1−β)·KL(p_s ‖ m),
+    m = β·p_t + (1−β)·p_s with β = jsd_beta in [0, 1]; β = 0 is forward KL, β = 1 reverse KL). softcap=c replaces
+    both logits by c·tanh(z/c) before the temperature (and in the cross-entropy); None: off.
 
     The gradient flows to `student_logits` only (in its dtype). Rows whose target is `ignore_index` contribute
     nothing and are not counted by "mean". backend: "auto" (Triton on CUDA, native CPU kernel on CPU),
@@ -398,13 +423,16 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     """
     _validate(student_logits, teacher_logits, target, temperature, alpha, ignore_index, reduction, backend,
               check_target)
+    _ref.validate_divergence(divergence, jsd_beta, softcap)
     if not isinstance(fused_backward, bool) or (fused_backward and reduction == "none"):
         raise ValueError(f"fused_backward must be a bool, and needs reduction 'mean' or 'sum'; got "
                          f"fused_backward={fused_backward!r} with reduction={reduction!r}")
     temperature, alpha, ignore_index = float(temperature), float(alpha), int(ignore_index)
+    jsd_beta, softcap = float(jsd_beta), None if softcap is None else float(softcap)
     if backend == "torch":
         return kd_loss_reference(student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
-                                 ignore_index=ignore_index, reduction=reduction)
+                                 ignore_index=ignore_index, reduction=reduction, divergence=divergence,
+                                 jsd_beta=jsd_beta, softcap=softcap)
     use_triton = _use_triton(student_logits, backend)
     if not (student_logits.requires_grad and torch.is_grad_enabled()):
         mode = LOSS_ONLY
@@ -413,7 +441,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     else:
         mode = STATS if use_triton else GRAD
     args = (student_logits, teacher_logits.detach(), target, temperature, alpha, ignore_index, mode,
-            _REDUCTIONS.index(reduction), use_triton)
+            _REDUCTIONS.index(reduction), use_triton, _ref.DIVERGENCES.index(divergence), jsd_beta, softcap)
     return _kd_loss_forward(*args)[0] if torch.compiler.is_compiling() else _EagerKDLoss.apply(*args)
 
 
@@ -431,20 +459,25 @@ class KDLoss(nn.Module):
     """Module form of `kd_loss`: forward(student_logits, teacher_logits, target=None)."""
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
-                 reduction: str = "mean", backend: str = "auto"):
+                 reduction: str = "mean", backend: str = "auto", divergence: str = "forward_kl",
+                 jsd_beta: float = 0.5, softcap: Optional[float] = None):
         super().__init__()
         # Validate hyperparameters now, so a bad config fails at construction rather than at the first step.
         probe = torch.zeros(1, 1)
         _validate(probe, probe, None, temperature, alpha, ignore_index, reduction, backend)
+        _ref.validate_divergence(divergence, jsd_beta, softcap)
         self.temperature, self.alpha = float(temperature), float(alpha)
         self.ignore_index, self.reduction, self.backend = int(ignore_index), reduction, backend
+        self.divergence, self.jsd_beta, self.softcap = divergence, float(jsd_beta), softcap
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None) -> Tensor:
         return kd_loss(student_logits, teacher_logits, target, temperature=self.temperature, alpha=self.alpha,
-                       ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+                       ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+                       divergence=self.divergence, jsd_beta=self.jsd_beta, softcap=self.softcap)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
+        return (f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}, "
+                f"divergence={self.divergence!r}, jsd_beta={self.jsd_beta}, softcap={self.softcap}")
 
 
 _CHUNKED = ("kd_loss_linear", "kd_loss_sparse", "KDLinearLoss")
