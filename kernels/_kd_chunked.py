@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from . import _kd_reference as _ref
 from . import kd_loss as _kd
 
 __all__ = ["kd_loss_linear", "kd_loss_sparse", "KDLinearLoss", "auto_chunk_size"]
@@ -134,7 +135,8 @@ def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
                     topk_values: Optional[Tensor], topk_indices: Optional[Tensor], row_weights: Optional[Tensor],
                     temperature: float, alpha: float, ignore_index: int, reduction: int, chunk: int,
                     grad_hidden: bool, grad_weight: bool, grad_bias: bool,
-                    use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    use_triton: bool, divergence: int = 0, jsd_beta: float = 0.5,
+                    softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(the reduced loss, or the rows for NONE; ∂/∂hidden, ∂/∂weight, ∂/∂bias, each empty unless asked). The
     gradients are those of the reduced loss; for NONE, only when row_weights are given (the backward's incoming
     per-row gradients), of Σᵢ wᵢ·ℓᵢ."""
@@ -185,8 +187,9 @@ def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         if grad_bias:
             d_bias.add_((grad * w).sum(0) if w.dim() else grad.sum(0) * w)
 
-    rows = _in_chunks(n, rows_per_chunk, student, teacher, target, (temperature, alpha, ignore_index),
-                      grad_hidden or grad_weight or grad_bias, use_triton,
+    hyper = (temperature, alpha, ignore_index, divergence, jsd_beta, softcap)
+    rows = _in_chunks(n, rows_per_chunk, student, teacher, target, hyper, grad_hidden or grad_weight or grad_bias,
+                      use_triton,
                       lambda r0, r1: grad_buffer[: r1 - r0], consume)
     loss = rows if reduction == _kd.NONE else _kd._reduce(rows, target, ignore_index, _kd._REDUCTIONS[reduction])
     return loss, d_hidden, d_weight, d_bias
@@ -201,7 +204,7 @@ def _made_here(reduction, row_weights, *wanted: bool) -> tuple[bool, ...]:
 @_linear_forward.register_fake
 def _(hidden, weight, bias, target, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_values,
       topk_indices, row_weights, temperature, alpha, ignore_index, reduction, chunk, grad_hidden, grad_weight,
-      grad_bias, use_triton):
+      grad_bias, use_triton, divergence=0, jsd_beta=0.5, softcap=None):
     grad_hidden, grad_weight, grad_bias = _made_here(reduction, row_weights, grad_hidden, grad_weight, grad_bias)
     result = _kd._result_dtype(hidden)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == _kd.NONE else (), dtype=result)
@@ -238,7 +241,7 @@ def _linear_backward(ctx, grad_loss, _d_hidden, _d_weight, _d_bias):
         # (retain_graph=True) stays exact; the saved one is freed right after this backward.
         d_hidden, d_weight, d_bias = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
     return (d_hidden if grad_hidden else None, d_weight if grad_weight else None, d_bias if grad_bias else None,
-            *(None,) * 17)
+            *(None,) * 20)
 
 
 _linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -348,9 +351,11 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
                    teacher_hidden: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None,
                    teacher_bias: Optional[Tensor] = None, teacher_topk: Optional[tuple[Tensor, Tensor]] = None,
                    temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
-                   chunk_size: Optional[int] = None, backend: str = "auto") -> Tensor:
+                   chunk_size: Optional[int] = None, backend: str = "auto", divergence: str = "forward_kl",
+                   jsd_beta: float = 0.5, softcap: Optional[float] = None) -> Tensor:
     """`kd_loss(student_hidden @ student_weight.T + student_bias, teacher_logits, target, ...)` without the (N, V)
-    logits: rows in chunks of `chunk_size` (None: `auto_chunk_size`), extra memory O(chunk · V).
+    logits: rows in chunks of `chunk_size` (None: `auto_chunk_size`), extra memory O(chunk · V). divergence,
+    jsd_beta and softcap as in `kd_loss` (the cap applies to the student's and the teacher's logits).
 
     The teacher is exactly one of: `teacher_logits` (N, V); `teacher_hidden` (N, Ht) with `teacher_weight` (V, Ht)
     and optionally `teacher_bias` (V,); `teacher_topk` = (values (N, k), indices (N, k) int64), the distribution
@@ -393,16 +398,18 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
         _validate_topk(values, indices, n, vocabulary, device,
                        ("teacher_topk values", "teacher_topk indices", "student_hidden"))
     _kd.validate_hyperparameters(temperature, alpha, reduction, backend)
+    _ref.validate_divergence(divergence, jsd_beta, softcap)
     _kd.validate_target(target, n, vocabulary, device, "student_hidden", True, ignore_index)
     _validate_chunk_size(chunk_size)
     if indices is not None:
         _check_topk_values(indices, target, ignore_index, vocabulary, "teacher_topk indices")
     temperature, alpha, ignore_index = float(temperature), float(alpha), int(ignore_index)
+    divergence_args = (_ref.DIVERGENCES.index(divergence), float(jsd_beta), None if softcap is None else float(softcap))
     target = _as_int64(target)
     if backend == "torch":
         return _linear_reference(student_hidden, student_weight, student_bias, target, teacher_logits,
                                  teacher_hidden, teacher_weight, teacher_bias, values, indices, temperature, alpha,
-                                 ignore_index, reduction)
+                                 ignore_index, reduction, divergence, *divergence_args[1:])
     grad_on = torch.is_grad_enabled()
     wants = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
     chunk = chunk_size or auto_chunk_size(n, vocabulary, dtype, device)
@@ -410,7 +417,7 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
                 for x in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias, values)]
     return _linear_forward(student_hidden, student_weight, student_bias, target, *detached[:4], detached[4], indices,
                            None, temperature, alpha, ignore_index, _kd._REDUCTIONS.index(reduction), chunk, *wants,
-                           _kd._use_triton(student_hidden, backend))[0]
+                           _kd._use_triton(student_hidden, backend), *divergence_args)[0]
 
 
 def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indices: Tensor,
@@ -452,7 +459,8 @@ def _dense_from_topk(values: Tensor, indices: Tensor, vocabulary: int, dtype: to
 
 
 def _linear_reference(hidden, weight, bias, target, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-                      values, indices, temperature, alpha, ignore_index, reduction):
+                      values, indices, temperature, alpha, ignore_index, reduction, divergence="forward_kl",
+                      jsd_beta=0.5, softcap=None):
     """The materialised computation in plain torch with autograd (backend="torch")."""
     logits = hidden @ weight.T + (bias if bias is not None else 0)
     if teacher_logits is None:
@@ -462,26 +470,32 @@ def _linear_reference(hidden, weight, bias, target, teacher_logits, teacher_hidd
             else:
                 teacher_logits = _dense_from_topk(values, indices, weight.shape[0], hidden.dtype)
     return _kd.kd_loss_reference(logits, teacher_logits, target, temperature=temperature, alpha=alpha,
-                                 ignore_index=ignore_index, reduction=reduction)
+                                 ignore_index=ignore_index, reduction=reduction, divergence=divergence,
+                                 jsd_beta=jsd_beta, softcap=softcap)
 
 
 class KDLinearLoss(nn.Module):
     """Module form of `kd_loss_linear`: forward(student_hidden, student_weight, target=None, **teacher and bias)."""
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
-                 reduction: str = "mean", chunk_size: Optional[int] = None, backend: str = "auto"):
+                 reduction: str = "mean", chunk_size: Optional[int] = None, backend: str = "auto",
+                 divergence: str = "forward_kl", jsd_beta: float = 0.5, softcap: Optional[float] = None):
         super().__init__()
         _kd.validate_hyperparameters(temperature, alpha, reduction, backend)
+        _ref.validate_divergence(divergence, jsd_beta, softcap)
         _validate_chunk_size(chunk_size)
         self.temperature, self.alpha, self.ignore_index = float(temperature), float(alpha), int(ignore_index)
         self.reduction, self.chunk_size, self.backend = reduction, chunk_size, backend
+        self.divergence, self.jsd_beta, self.softcap = divergence, float(jsd_beta), softcap
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, target: Optional[Tensor] = None,
                 **teacher_and_bias) -> Tensor:
         return kd_loss_linear(student_hidden, student_weight, target, **teacher_and_bias,
                               temperature=self.temperature, alpha=self.alpha, ignore_index=self.ignore_index,
-                              reduction=self.reduction, chunk_size=self.chunk_size, backend=self.backend)
+                              reduction=self.reduction, chunk_size=self.chunk_size, backend=self.backend,
+                              divergence=self.divergence, jsd_beta=self.jsd_beta, softcap=self.softcap)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, backend={self.backend!r}, "
+                f"divergence={self.divergence!r}, jsd_beta={self.jsd_beta}, softcap={self.softcap}")

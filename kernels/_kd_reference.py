@@ -39,7 +39,9 @@ def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: str = 
         return _kl(log_q, log_p)
     if divergence == "reverse_kl" or (divergence == "jsd" and jsd_beta == 1):
         return _kl(log_p, log_q)
-    log_m = torch.logsumexp(torch.stack([log_q + math.log(jsd_beta), log_p + math.log(1 - jsd_beta)]), dim=0)
+    both_zero = (log_p == -math.inf) & (log_q == -math.inf)  # masked: keeps logaddexp's NaN out of the gradient
+    log_m = torch.logaddexp(torch.where(both_zero, 0.0, log_q + math.log(jsd_beta)),
+                            torch.where(both_zero, 0.0, log_p + math.log1p(-jsd_beta)))
     return jsd_beta * _kl(log_q, log_m) + (1 - jsd_beta) * _kl(log_p, log_m)
 
 
