@@ -313,7 +313,8 @@ def kd_loss_fwd_kernel(
                     block_pm, block_qm = _jsd_block_sums(s_b, t_b, inv_t, m_s, m_t, d_s, d_t, gap, beta)
                     kl_pm += block_pm
                     kl_qm += block_qm
-        jsd = beta * kl_qm + (1.0 - beta) * kl_pm
+        # A NaN logit makes p or q NaN, which the 0·log 0 guards would drop: it reaches the loss through the gap.
+        jsd = tl.where(gap == gap, beta * kl_qm + (1.0 - beta) * kl_pm, gap)
         divergence = tl.where(beta == 0.0, forward_kl, tl.where(beta == 1.0, reverse_kl, jsd))
         extra = tl.where(beta == 1.0, q_r / d_s + shift_r, kl_pm)
     loss = kl_loss_scale * divergence

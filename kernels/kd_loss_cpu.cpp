@@ -12,8 +12,8 @@
 // Divergences (a template argument; β and the soft cap are runtime arguments), p = softmax(s/T), q = softmax(t/T):
 // forward KL(q ‖ p); reverse KL(p ‖ q), the same form with the roles swapped, its gradient p·((s − t)/T − E_p[(s − t)/T])
 // from δ kept in the teacher's scratch row; JSD β·KL(q ‖ m) + (1 − β)·KL(p ‖ m), m = βq + (1 − β)p, one more pass
-// over the kept row for the per-element log(p/m), log(q/m) (one exp, one log each), taken from r = log q − log p =
-// δ − gap so that nothing overflows where p or q is 0. JSD at β = 0 or 1 runs the forward or reverse KL: the
+// over the kept row for the per-element log(p/m), log(q/m) (one division, one log each, and r = log q − log p =
+// δ − gap): nothing overflows where p or q is 0. JSD at β = 0 or 1 runs the forward or reverse KL: the
 // formula degenerates there, and those are the ends by convention. A soft cap c·tanh(z/c) is applied on load, and
 // its slope 1 − tanh² kept for the gradient.
 //
@@ -70,10 +70,11 @@ inline float log_float(float x) {
     return std::fma(kf, 0.693147182f, std::fma(kf, -1.90465430e-9f, 2.0f * z * series));
 }
 
-// log(1 + u) for u in (−1, 0]: the rounding of 1 + u cancels in the ratio (Goldberg).
+// log(1 + u) for u in (−1, 0]: the rounding of 1 + u cancels in the ratio (Goldberg). Both sides are computed
+// and one is selected (0/0 in the unused one), so that the loops around it vectorise.
 inline float log1p_float(float u) {
-    const float w = 1.0f + u;
-    return w == 1.0f ? u : log_float(w) * (u / (w - 1.0f));
+    const float w = 1.0f + u, ratio = log_float(w) * (u / (w - 1.0f));
+    return w == 1.0f ? u : ratio;
 }
 
 // tanh x, with slope = 1 − tanh² x, from one exponential; a series near 0, where 1 − e^(−2|x|) would cancel.
@@ -205,8 +206,8 @@ void kd_row(const Problem &p, int64_t i, typename D::Compute scale, typename D::
         d_s += p_s;
         d_t += p_t;
         // 0·log 0 = 0 on masked (−inf) classes; a NaN anywhere reaches the loss.
-        if (DIV != kReverse) forward_sum += p_t > 0 ? static_cast<double>(p_t * dj) : 0.0;
-        if (DIV != kForward) reverse_sum += p_s > 0 ? static_cast<double>(p_s * -dj) : 0.0;
+        if (DIV == kForward) forward_sum += p_t > 0 ? static_cast<double>(p_t * dj) : 0.0;
+        if (DIV == kReverse) reverse_sum += p_s > 0 ? static_cast<double>(p_s * -dj) : 0.0;
         if (KEEP) {
             e_s[j] = p_s;
             e_t[j] = DIV == kReverse ? -dj : p_t;  // reverse KL's gradient needs (s − t)/T, not q
@@ -228,20 +229,29 @@ void kd_row(const Problem &p, int64_t i, typename D::Compute scale, typename D::
     if (DIV == kJsd) {
         const C beta = static_cast<C>(p.beta), beta_c = static_cast<C>(1 - p.beta), g = static_cast<C>(gap);
         const C inv_d_s = static_cast<C>(1 / d_s), inv_d_t = static_cast<C>(1 / d_t);
+        // q/p = (e_t/e_s)·(d_s/d_t), with d_s/d_t in two parts: one rounding of it would shift every log-ratio the
+        // same way, by up to u/2, which JSD's terms (O(r²) from O(r) pieces) would amplify; rounding per element
+        // does not add up.
+        const double k = d_s / d_t;
+        const C k_hi = static_cast<C>(k), k_lo = static_cast<C>(k - static_cast<double>(k_hi));
         double kl_pm = 0, kl_qm = 0;
 #pragma omp simd reduction(+ : kl_pm, kl_qm)
         for (int64_t j = 0; j < c; j++) {
             const C ps = e_s[j] * inv_d_s, qt = e_t[j] * inv_d_t, r = delta[j] - g;  // r = log q − log p
-            // r < 0: m/p = 1 + β(e^r − 1); r >= 0: m/q = 1 + (1 − β)(e^(−r) − 1): e^(−|r|) never overflows.
-            const bool neg = r < 0;
-            const C l = -D::log1p((neg ? beta : beta_c) * (D::exp(neg ? r : -r) - 1));
-            const C log_pm = neg ? l : l - r, log_qm = neg ? l + r : l;
+            // Where q < p: m/p = 1 + β(q/p − 1), else m/q = 1 + (1 − β)(p/q − 1): a ratio <= 1 (nothing
+            // overflows), taken from the kept exponentials (a division, cheaper than e^(−|r|)).
+            const C a = e_s[j], b = std::fma(e_t[j], k_hi, e_t[j] * k_lo);  // ∝ p and q, on one scale
+            const bool q_low = b < a;
+            const C ratio = std::min(a, b) / std::max(a, b);
+            const C l = -D::log1p((q_low ? beta : beta_c) * (ratio - 1));
+            const C log_pm = q_low ? l : l - r, log_qm = q_low ? l + r : l;
             kl_pm += ps > 0 ? static_cast<double>(ps * log_pm) : 0.0;
             kl_qm += qt > 0 ? static_cast<double>(qt * log_qm) : 0.0;
             if (WRITE_GRAD) delta[j] = log_pm;
         }
         extra = kl_pm;
-        divergence = p.beta * kl_qm + (1 - p.beta) * kl_pm;
+        // A NaN logit makes p or q NaN, which the 0·log 0 guards above would drop: it reaches the loss here.
+        divergence = gap != gap ? gap : p.beta * kl_qm + (1 - p.beta) * kl_pm;
     }
     double loss = p.kl_loss_scale * divergence;
     bool keep = true, in_range = true;

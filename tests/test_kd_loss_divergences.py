@@ -383,3 +383,53 @@ def test_kd_loss_linear_every_divergence_matches_materialised_float64(backend, t
     torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=0)
     for p, e in zip(params, exact_params):
         torch.testing.assert_close(p.grad.double(), e.grad, rtol=1e-4, atol=1e-5 * e.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("c", [300, 9000], ids=["one-block", "streamed"])
+@pytest.mark.parametrize("divergence, beta", DIVERGENCES[1:3] + DIVERGENCES[4:], ids=DIV_IDS[1:3] + DIV_IDS[4:])
+def test_bytes_moved_per_divergence(monkeypatch, divergence, beta, c):
+    """As test_kd_loss_floor's count for forward KL, per row: generic autograd reads s, t in the forward and s, t
+    again in the backward, which writes ∂s (5 units); fused_backward 3 in one block, 5 streamed. The statistics a
+    row grow by one float for reverse KL (E_p[(s − t)/T]) and two for JSD (that or KL(p‖m), and the gap). A streamed
+    JSD row with 0 < β < 1 reads s and t once more in the forward (its terms need the normalisers): 7 units generic
+    and fused, 4 with no gradient; at β = 0 and 1 it skips that pass."""
+    from test_kd_loss_floor import MovedBytes
+
+    n, elem, target_bytes, flt = 6, 4, 8, 4
+    s, t, y = torch.randn(n, c) * 3, torch.randn(n, c) * 3, torch.randint(0, c, (n,))
+    count = MovedBytes(monkeypatch)
+    logits_bytes = n * c * elem
+    k = tk.stats_per_row(tk.DIVERGENCES.index(divergence))
+    assert k == {"reverse_kl": 4, "jsd": 5}[divergence]
+    streamed = c > tk.MAX_SINGLE_BLOCK
+    jsd_pass = 2 * logits_bytes if streamed and divergence == "jsd" and 0 < beta < 1 else 0
+    common_loads, common_stores = 2 * logits_bytes + n * (target_bytes + elem), n * flt
+    kw = dict(temperature=3.0, alpha=0.3, backend="triton", divergence=divergence, jsd_beta=beta)
+
+    s_in = s.clone().requires_grad_()
+    loss = kd_loss(s_in, t, y, **kw)
+    assert count.take() == (common_loads + jsd_pass, common_stores + n * k * flt)
+    loss.backward()
+    assert count.take() == (2 * logits_bytes + n * (target_bytes + k * flt + flt), logits_bytes)
+
+    s_in = s.clone().requires_grad_()
+    loss = kd_loss(s_in, t, y, fused_backward=True, **kw)
+    second_pass = 2 * logits_bytes if streamed else 0
+    assert count.take() == (common_loads + n * flt + second_pass + jsd_pass, common_stores + logits_bytes)
+    loss.backward()
+    assert count.take() == (0, 0)
+
+    with torch.no_grad():
+        kd_loss(s, t, y, **kw)
+    assert count.take() == (common_loads + jsd_pass, common_stores)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("divergence, beta", DIVERGENCES[1:4], ids=DIV_IDS[1:4])
+def test_a_nan_logit_reaches_the_loss_without_a_target(request, path, divergence, beta):
+    """The 0·log 0 guards (p > 0) are false for NaN: a NaN must still reach the row's loss, not be skipped."""
+    backend = backend_of(request, path)
+    s, t = logits(3, 40), logits(3, 40)
+    s[0, 5], t[1, 7] = math.nan, math.nan
+    rows = kd_loss(s, t, temperature=2.0, reduction="none", backend=backend, divergence=divergence, jsd_beta=beta)
+    assert torch.isnan(rows[:2]).all() and torch.isfinite(rows[2])
