@@ -22,8 +22,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import _kd_reference as _ref
-from . import kd_loss as _kd
+from ._kd_common import (DTYPES, OPTIONS_SCHEMA, KDOptions, check_backend_for_device, check_options, kd_loss_reference,
+                         reduce_rows, reduction_scale, result_dtype, scaled, validate_target)
+from ._kd_ops import CHUNK_KERNELS
 
 __all__ = ["kd_loss_linear", "kd_loss_sparse", "KDLinearLoss", "auto_chunk_size"]
 
@@ -44,23 +45,11 @@ def auto_chunk_size(n: int, vocabulary: int, dtype: torch.dtype, device: torch.d
 # The chunk loop, shared by both functions.
 # --------------------------------------------------------------------------------------------------------------------
 
-def _rows_and_grad(s, t, y, hyper, write_grad: bool, use_triton: bool, grad_out: Optional[Tensor]):
-    """One chunk through the fused kernel: its loss rows and, if asked, ∂(Σ rows)/∂s into grad_out."""
-    temperature, alpha, ignore_index, *divergence = hyper  # divergence: (index, jsd_beta, softcap), if given
-    divergence = dict(zip(("divergence", "jsd_beta", "softcap"), divergence))
-    if use_triton:
-        rows = torch.empty(s.shape[0], dtype=_kd._result_dtype(s), device=s.device)
-        _kd.launch_kd_kernel(s, t, y, temperature, alpha, ignore_index, rows, grad_out if write_grad else None,
-                             **divergence)
-        return rows, grad_out
-    rows, _, grad = _kd._cpu_forward(s, t, y, temperature, alpha, ignore_index,
-                                     _kd.GRAD if write_grad else _kd.LOSS_ONLY, _kd.NONE, grad_out, **divergence)
-    return rows, grad
-
-
-def _in_chunks(n: int, chunk: int, student: Callable, teacher: Callable, target: Optional[Tensor], hyper,
-               write_grad: bool, use_triton: bool, grad_buffer: Callable, consume: Callable) -> Tensor:
-    """The (N,) loss rows. For each chunk [r0, r1): student(r0, r1) and teacher(r0, r1) give its logits,
+def _in_chunks(n: int, chunk: int, student: Callable, teacher: Callable, target: Optional[Tensor],
+               options: KDOptions, write_grad: bool, chunk_kernel: Callable, backend: str, grad_buffer: Callable,
+               consume: Callable) -> Tensor:
+    """The (N,) loss rows. chunk_kernel (the device's, from CHUNK_KERNELS) runs each chunk [r0, r1) through the
+    fused kernel: student(r0, r1) and teacher(r0, r1) give its logits,
     grad_buffer(r0, r1) a contiguous (rows, V) tensor for the kernel's gradient, and consume(r0, r1, grad)
     takes the gradient of the chunk's rows before the next chunk reuses the buffers."""
     rows = None
@@ -68,8 +57,8 @@ def _in_chunks(n: int, chunk: int, student: Callable, teacher: Callable, target:
         r1 = min(r0 + chunk, n)
         s, t = student(r0, r1), teacher(r0, r1)
         y = target[r0:r1] if target is not None else None
-        chunk_rows, grad = _rows_and_grad(s, t, y, hyper, write_grad, use_triton,
-                                          grad_buffer(r0, r1) if write_grad else None)
+        chunk_rows, grad = chunk_kernel(s, t, y, options, write_grad, grad_buffer(r0, r1) if write_grad else None,
+                                        backend)
         if rows is None:
             rows = chunk_rows.new_empty(n)
         rows[r0:r1] = chunk_rows
@@ -128,18 +117,22 @@ def _check_topk_values(indices: Tensor, target: Optional[Tensor], ignore_index: 
 # kd_loss_linear: a torch.library op (opaque to Dynamo) whose forward returns the loss and the parameters' gradients.
 # --------------------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastkd::kd_loss_linear_forward", mutates_args=())
-def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Optional[Tensor],
-                    teacher_logits: Optional[Tensor], teacher_hidden: Optional[Tensor],
-                    teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
-                    topk_values: Optional[Tensor], topk_indices: Optional[Tensor], row_weights: Optional[Tensor],
-                    temperature: float, alpha: float, ignore_index: int, reduction: int, chunk: int,
-                    grad_hidden: bool, grad_weight: bool, grad_bias: bool,
-                    use_triton: bool, divergence: int = 0, jsd_beta: float = 0.5,
-                    softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(the reduced loss, or the rows for NONE; ∂/∂hidden, ∂/∂weight, ∂/∂bias, each empty unless asked). The
-    gradients are those of the reduced loss; for NONE, only when row_weights are given (the backward's incoming
+_LINEAR_TENSORS = ("hidden", "weight", "bias", "target", "teacher_logits", "teacher_hidden", "teacher_weight",
+                   "teacher_bias", "topk_values", "topk_indices", "row_weights")
+_LINEAR_SCHEMA = ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor? target, Tensor? teacher_logits, "
+                  "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, Tensor? topk_values, "
+                  "Tensor? topk_indices, Tensor? row_weights, *, " + OPTIONS_SCHEMA + ", str reduction, int chunk, "
+                  "bool grad_hidden, bool grad_weight, bool grad_bias, str backend) "
+                  "-> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _linear_forward_on(chunk_kernel: Callable, hidden, weight, bias, target, teacher_logits, teacher_hidden,
+                       teacher_weight, teacher_bias, topk_values, topk_indices, row_weights, *, reduction, chunk,
+                       grad_hidden, grad_weight, grad_bias, backend, **options):
+    """(the reduced loss, or the rows for "none"; ∂/∂hidden, ∂/∂weight, ∂/∂bias, each empty unless asked). The
+    gradients are those of the reduced loss; for "none", only when row_weights are given (the backward's incoming
     per-row gradients), of Σᵢ wᵢ·ℓᵢ."""
+    options = KDOptions(**options)
     grad_hidden, grad_weight, grad_bias = _made_here(reduction, row_weights, grad_hidden, grad_weight, grad_bias)
     n, vocabulary = hidden.shape[0], weight.shape[0]
     dtype, device = hidden.dtype, hidden.device
@@ -175,8 +168,8 @@ def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     # cannot overflow on an unscaled sum.
     # (The weights are float32, float64 for float64 inputs: each product with them rounds once, to the input's dtype.)
     scale = None
-    if row_weights is None and reduction != _kd.NONE:
-        scale = _kd._reduction_scale(hidden, target, ignore_index, _kd._REDUCTIONS[reduction])
+    if row_weights is None and reduction != "none":
+        scale = reduction_scale(hidden, target, options.ignore_index, reduction)
 
     def consume(r0, r1, grad):
         w = scale if row_weights is None else row_weights[r0:r1, None]
@@ -187,36 +180,44 @@ def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         if grad_bias:
             d_bias.add_((grad * w).sum(0) if w.dim() else grad.sum(0) * w)
 
-    hyper = (temperature, alpha, ignore_index, divergence, jsd_beta, softcap)
-    rows = _in_chunks(n, rows_per_chunk, student, teacher, target, hyper, grad_hidden or grad_weight or grad_bias,
-                      use_triton,
-                      lambda r0, r1: grad_buffer[: r1 - r0], consume)
-    loss = rows if reduction == _kd.NONE else _kd._reduce(rows, target, ignore_index, _kd._REDUCTIONS[reduction])
-    return loss, d_hidden, d_weight, d_bias
+    rows = _in_chunks(n, rows_per_chunk, student, teacher, target, options, grad_hidden or grad_weight or grad_bias,
+                      chunk_kernel, backend, lambda r0, r1: grad_buffer[: r1 - r0], consume)
+    return reduce_rows(rows, target, options.ignore_index, reduction), d_hidden, d_weight, d_bias
 
 
 def _made_here(reduction, row_weights, *wanted: bool) -> tuple[bool, ...]:
-    """Which gradients a call of the op makes: those wanted, except in a forward for reduction NONE (no row
+    """Which gradients a call of the op makes: those wanted, except in a forward for reduction "none" (no row
     weights yet), whose backward makes them."""
-    return tuple(want and (reduction != _kd.NONE or row_weights is not None) for want in wanted)
+    return tuple(want and (reduction != "none" or row_weights is not None) for want in wanted)
+
+
+def _registered(name: str, schema: str, forward_on: Callable):
+    """The op `name`, its kernel per device type being forward_on with that device's chunk kernel."""
+    def on(device_type):
+        return lambda *args, **fields: forward_on(CHUNK_KERNELS[device_type], *args, **fields)
+
+    op = torch.library.custom_op(name, on("cpu"), mutates_args=(), device_types="cpu", schema=schema)
+    op.register_kernel("cuda")(on("cuda"))
+    return op
+
+
+_linear_forward = _registered("fastkd::kd_loss_linear_forward", _LINEAR_SCHEMA, _linear_forward_on)
 
 
 @_linear_forward.register_fake
-def _(hidden, weight, bias, target, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, topk_values,
-      topk_indices, row_weights, temperature, alpha, ignore_index, reduction, chunk, grad_hidden, grad_weight,
-      grad_bias, use_triton, divergence=0, jsd_beta=0.5, softcap=None):
+def _(hidden, weight, bias, *tensors, reduction, grad_hidden, grad_weight, grad_bias, **fields):
+    row_weights = tensors[-1]
     grad_hidden, grad_weight, grad_bias = _made_here(reduction, row_weights, grad_hidden, grad_weight, grad_bias)
-    result = _kd._result_dtype(hidden)
-    loss = hidden.new_empty((hidden.shape[0],) if reduction == _kd.NONE else (), dtype=result)
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=result_dtype(hidden))
     return (loss, torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if grad_weight else hidden.new_empty(0),
             torch.empty_like(bias) if grad_bias else hidden.new_empty(0))
 
 
-def _linear_setup_context(ctx, inputs, output):
-    tensors, ctx.settings = inputs[:10], inputs[11:]
+def _linear_setup_context(ctx, inputs, keyword_only_inputs, output):
+    tensors, ctx.fields = inputs[:-1], dict(keyword_only_inputs)  # all but row_weights (None in a forward)
     ctx.present = [x is not None for x in tensors]  # which optional inputs were given
-    if ctx.settings[3] == _kd.NONE:  # everything, to run the chunks again with the row weights
+    if ctx.fields["reduction"] == "none":  # everything, to run the chunks again with the row weights
         ctx.save_for_backward(*(x for x in tensors if x is not None))
     else:  # the gradients the forward made
         ctx.save_for_backward(*output[1:])
@@ -230,18 +231,19 @@ def _no_double_backward(name: str) -> None:
 
 def _linear_backward(ctx, grad_loss, _d_hidden, _d_weight, _d_bias):
     _no_double_backward("kd_loss_linear")
-    reduction, grad_hidden, grad_weight, grad_bias = ctx.settings[3], *ctx.settings[5:8]
-    if reduction == _kd.NONE:
+    fields = ctx.fields
+    if fields["reduction"] == "none":
         saved = iter(ctx.saved_tensors)
         tensors = [next(saved) if given else None for given in ctx.present]
-        row_weights = grad_loss.to(_kd._result_dtype(tensors[0]))
-        _, d_hidden, d_weight, d_bias = _linear_forward(*tensors, row_weights, *ctx.settings)
+        row_weights = grad_loss.to(result_dtype(tensors[0]))
+        _, d_hidden, d_weight, d_bias = _linear_forward(*tensors, row_weights, **fields)
     else:
         # A new tensor, not the saved one scaled in place, so that a second backward through the same call
         # (retain_graph=True) stays exact; the saved one is freed right after this backward.
         d_hidden, d_weight, d_bias = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-    return (d_hidden if grad_hidden else None, d_weight if grad_weight else None, d_bias if grad_bias else None,
-            *(None,) * 20)
+    wanted = (fields["grad_hidden"], fields["grad_weight"], fields["grad_bias"])
+    grads = [g if want else None for g, want in zip((d_hidden, d_weight, d_bias), wanted)]
+    return *grads, *(None for _ in _LINEAR_TENSORS[3:])
 
 
 _linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -251,34 +253,39 @@ _linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup_
 # kd_loss_sparse: the student's logits given, the teacher as top-k.
 # --------------------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastkd::kd_loss_sparse_forward", mutates_args=())
-def _sparse_forward(s: Tensor, topk_values: Tensor, topk_indices: Tensor, target: Optional[Tensor],
-                    temperature: float, alpha: float, ignore_index: int, reduction: int, chunk: int,
-                    write_grad: bool, use_triton: bool) -> tuple[Tensor, Tensor]:
-    """(the reduced loss, or the rows for NONE; ∂(Σ rows)/∂s, empty unless write_grad)."""
+_SPARSE_SCHEMA = ("(Tensor s, Tensor topk_values, Tensor topk_indices, Tensor? target, *, " + OPTIONS_SCHEMA
+                  + ", str reduction, int chunk, bool write_grad, str backend) -> (Tensor, Tensor)")
+
+
+def _sparse_forward_on(chunk_kernel: Callable, s, topk_values, topk_indices, target, *, reduction, chunk,
+                       write_grad, backend, **options):
+    """(the reduced loss, or the rows for "none"; ∂(Σ rows)/∂s, empty unless write_grad)."""
+    options = KDOptions(**options)
     n, vocabulary = s.shape
     rows_per_chunk = min(chunk, n)
     teacher_buffer = torch.empty((rows_per_chunk, vocabulary), dtype=s.dtype, device=s.device)
     teacher = _topk_teacher(topk_values, topk_indices, vocabulary, s.dtype, teacher_buffer)
     grad = torch.empty((n, vocabulary) if write_grad else (0,), dtype=s.dtype, device=s.device)
 
-    rows = _in_chunks(n, rows_per_chunk, lambda r0, r1: s[r0:r1], teacher, target, (temperature, alpha, ignore_index),
-                      write_grad, use_triton, lambda r0, r1: grad[r0:r1], lambda r0, r1, chunk_grad: None)
-    loss = rows if reduction == _kd.NONE else _kd._reduce(rows, target, ignore_index, _kd._REDUCTIONS[reduction])
-    return loss, grad
+    rows = _in_chunks(n, rows_per_chunk, lambda r0, r1: s[r0:r1], teacher, target, options, write_grad,
+                      chunk_kernel, backend, lambda r0, r1: grad[r0:r1], lambda r0, r1, chunk_grad: None)
+    return reduce_rows(rows, target, options.ignore_index, reduction), grad
+
+
+_sparse_forward = _registered("fastkd::kd_loss_sparse_forward", _SPARSE_SCHEMA, _sparse_forward_on)
 
 
 @_sparse_forward.register_fake
-def _(s, topk_values, topk_indices, target, temperature, alpha, ignore_index, reduction, chunk, write_grad,
-      use_triton):
-    loss = s.new_empty((s.shape[0],) if reduction == _kd.NONE else (), dtype=_kd._result_dtype(s))
+def _(s, topk_values, topk_indices, target, *, reduction, write_grad, **fields):
+    loss = s.new_empty((s.shape[0],) if reduction == "none" else (), dtype=result_dtype(s))
     return loss, s.new_empty(s.shape if write_grad else (0,))
 
 
-def _sparse_setup_context(ctx, inputs, output):
+def _sparse_setup_context(ctx, inputs, keyword_only_inputs, output):
     target = inputs[3]
-    ctx.has_target, ctx.ignore_index, ctx.reduction, ctx.write_grad = (target is not None, inputs[6], inputs[7],
-                                                                       inputs[9])
+    ctx.has_target = target is not None
+    ctx.ignore_index, ctx.reduction, ctx.write_grad = (keyword_only_inputs[name] for name in
+                                                       ("ignore_index", "reduction", "write_grad"))
     ctx.save_for_backward(output[1], target if target is not None else output[1].new_empty(0))
 
 
@@ -289,10 +296,9 @@ def _sparse_backward(ctx, grad_loss, _grad_of_grad):
     _no_double_backward("kd_loss_sparse")
     grad, target = ctx.saved_tensors
     target = target if ctx.has_target else None
-    if ctx.reduction != _kd.NONE:
-        reduction = _kd._REDUCTIONS[ctx.reduction]
-        grad_loss = grad_loss * _kd._reduction_scale(grad, target, ctx.ignore_index, reduction)
-    return _kd._scaled(grad, grad_loss), *(None,) * 10
+    if ctx.reduction != "none":
+        grad_loss = grad_loss * reduction_scale(grad, target, ctx.ignore_index, ctx.reduction)
+    return scaled(grad, grad_loss), None, None, None
 
 
 _sparse_forward.register_autograd(_sparse_backward, setup_context=_sparse_setup_context)
@@ -360,13 +366,13 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
     The teacher is exactly one of: `teacher_logits` (N, V); `teacher_hidden` (N, Ht) with `teacher_weight` (V, Ht)
     and optionally `teacher_bias` (V,); `teacher_topk` = (values (N, k), indices (N, k) int64), the distribution
     softmax(values / T) on those k classes and 0 elsewhere. Gradients reach student_hidden, student_weight and
-    student_bias only. backend: "auto" (Triton on CUDA, the native CPU kernel on CPU), "triton", or "torch" (the
-    materialised plain-torch reference, for comparison). No host sync under torch.compile; eager calls check target
+    student_bias only. backend: as `kd_loss`'s ("auto", "native", "triton"), or "torch" (the materialised
+    plain-torch reference, for comparison). No host sync under torch.compile; eager calls check target
     and top-k index values (a host read), as `kd_loss` does.
     """
     _check_matrix(student_hidden, "student_hidden", (None, None), getattr(student_hidden, "dtype", None),
                   getattr(student_hidden, "device", None))
-    if student_hidden.dtype not in _kd._DTYPES:
+    if student_hidden.dtype not in DTYPES:
         raise ValueError(f"student_hidden must be float32, bfloat16, float16 or float64, got {student_hidden.dtype}")
     n, width = student_hidden.shape
     dtype, device = student_hidden.dtype, student_hidden.device
@@ -397,27 +403,24 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
         values, indices = teacher_topk
         _validate_topk(values, indices, n, vocabulary, device,
                        ("teacher_topk values", "teacher_topk indices", "student_hidden"))
-    _kd.validate_hyperparameters(temperature, alpha, reduction, backend)
-    _ref.validate_divergence(divergence, jsd_beta, softcap)
-    _kd.validate_target(target, n, vocabulary, device, "student_hidden", True, ignore_index)
+    options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
+    validate_target(target, n, vocabulary, device, "student_hidden", True, ignore_index)
     _validate_chunk_size(chunk_size)
     if indices is not None:
         _check_topk_values(indices, target, ignore_index, vocabulary, "teacher_topk indices")
-    temperature, alpha, ignore_index = float(temperature), float(alpha), int(ignore_index)
-    divergence_args = (_ref.DIVERGENCES.index(divergence), float(jsd_beta), None if softcap is None else float(softcap))
     target = _as_int64(target)
     if backend == "torch":
         return _linear_reference(student_hidden, student_weight, student_bias, target, teacher_logits,
-                                 teacher_hidden, teacher_weight, teacher_bias, values, indices, temperature, alpha,
-                                 ignore_index, reduction, divergence, *divergence_args[1:])
+                                 teacher_hidden, teacher_weight, teacher_bias, values, indices, options, reduction)
+    check_backend_for_device(student_hidden, backend)
     grad_on = torch.is_grad_enabled()
     wants = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
     chunk = chunk_size or auto_chunk_size(n, vocabulary, dtype, device)
     detached = [x.detach() if x is not None else None
                 for x in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias, values)]
     return _linear_forward(student_hidden, student_weight, student_bias, target, *detached[:4], detached[4], indices,
-                           None, temperature, alpha, ignore_index, _kd._REDUCTIONS.index(reduction), chunk, *wants,
-                           _kd._use_triton(student_hidden, backend), *divergence_args)[0]
+                           None, **options.fields(), reduction=reduction, chunk=chunk, grad_hidden=wants[0],
+                           grad_weight=wants[1], grad_bias=wants[2], backend=backend)[0]
 
 
 def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indices: Tensor,
@@ -429,27 +432,25 @@ def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indic
     classes. Repeated or out-of-range indices are a ValueError in eager calls and a NaN loss under compile."""
     if not isinstance(student_logits, Tensor) or student_logits.dim() != 2 or min(student_logits.shape) < 1:
         raise ValueError(f"student_logits must be a 2-D (N, C) tensor with N, C >= 1, got {_shape(student_logits)}")
-    if student_logits.dtype not in _kd._DTYPES:
+    if student_logits.dtype not in DTYPES:
         raise ValueError(f"student_logits must be float32, bfloat16, float16 or float64, got {student_logits.dtype}")
     n, vocabulary = student_logits.shape
     values, indices = teacher_values, teacher_indices
     _validate_topk(values, indices, n, vocabulary, student_logits.device,
                    ("teacher_values", "teacher_indices", "student_logits"))
-    _kd.validate_hyperparameters(temperature, alpha, reduction, backend)
-    _kd.validate_target(target, n, vocabulary, student_logits.device, "student_logits", True, ignore_index)
+    options = check_options(temperature, alpha, ignore_index, reduction, backend)
+    validate_target(target, n, vocabulary, student_logits.device, "student_logits", True, ignore_index)
     _validate_chunk_size(chunk_size)
     _check_topk_values(indices, target, ignore_index, vocabulary, "teacher_indices")
-    temperature, alpha, ignore_index = float(temperature), float(alpha), int(ignore_index)
     target = _as_int64(target)
     if backend == "torch":
         dense = _dense_from_topk(values, indices, vocabulary, student_logits.dtype)
-        return _kd.kd_loss_reference(student_logits, dense, target, temperature=temperature, alpha=alpha,
-                                     ignore_index=ignore_index, reduction=reduction)
+        return kd_loss_reference(student_logits, dense, target, **options.fields(), reduction=reduction)
+    check_backend_for_device(student_logits, backend)
     write_grad = student_logits.requires_grad and torch.is_grad_enabled()
     chunk = chunk_size or auto_chunk_size(n, vocabulary, student_logits.dtype, student_logits.device)
-    return _sparse_forward(student_logits, values.detach(), indices, target, temperature, alpha, ignore_index,
-                           _kd._REDUCTIONS.index(reduction), chunk, write_grad,
-                           _kd._use_triton(student_logits, backend))[0]
+    return _sparse_forward(student_logits, values.detach(), indices, target, **options.fields(), reduction=reduction,
+                           chunk=chunk, write_grad=write_grad, backend=backend)[0]
 
 
 def _dense_from_topk(values: Tensor, indices: Tensor, vocabulary: int, dtype: torch.dtype) -> Tensor:
@@ -459,8 +460,7 @@ def _dense_from_topk(values: Tensor, indices: Tensor, vocabulary: int, dtype: to
 
 
 def _linear_reference(hidden, weight, bias, target, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-                      values, indices, temperature, alpha, ignore_index, reduction, divergence="forward_kl",
-                      jsd_beta=0.5, softcap=None):
+                      values, indices, options: KDOptions, reduction):
     """The materialised computation in plain torch with autograd (backend="torch")."""
     logits = hidden @ weight.T + (bias if bias is not None else 0)
     if teacher_logits is None:
@@ -469,9 +469,7 @@ def _linear_reference(hidden, weight, bias, target, teacher_logits, teacher_hidd
                 teacher_logits = teacher_hidden @ teacher_weight.T + (teacher_bias if teacher_bias is not None else 0)
             else:
                 teacher_logits = _dense_from_topk(values, indices, weight.shape[0], hidden.dtype)
-    return _kd.kd_loss_reference(logits, teacher_logits, target, temperature=temperature, alpha=alpha,
-                                 ignore_index=ignore_index, reduction=reduction, divergence=divergence,
-                                 jsd_beta=jsd_beta, softcap=softcap)
+    return kd_loss_reference(logits, teacher_logits, target, **options.fields(), reduction=reduction)
 
 
 class KDLinearLoss(nn.Module):
@@ -481,8 +479,7 @@ class KDLinearLoss(nn.Module):
                  reduction: str = "mean", chunk_size: Optional[int] = None, backend: str = "auto",
                  divergence: str = "forward_kl", jsd_beta: float = 0.5, softcap: Optional[float] = None):
         super().__init__()
-        _kd.validate_hyperparameters(temperature, alpha, reduction, backend)
-        _ref.validate_divergence(divergence, jsd_beta, softcap)
+        check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
         _validate_chunk_size(chunk_size)
         self.temperature, self.alpha, self.ignore_index = float(temperature), float(alpha), int(ignore_index)
         self.reduction, self.chunk_size, self.backend = reduction, chunk_size, backend

@@ -29,25 +29,15 @@ never recompiles), with p = softmax(s/T), q = softmax(t/T) and δ = (t − s)/T:
 * SOFTCAP: logits z are replaced by c·tanh(z/c) (c = softcap) on load, before the temperature, in the loss, the
   cross-entropy and the gradient, which is multiplied by 1 − tanh²(z/c). A −inf logit becomes −c (the formula).
 """
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from ._kd_common import DIVERGENCES, INTERPRETED, STATS_PER_ROW, stats_per_row  # noqa: F401 (read here too)
 
 # Rows whose padded width fits in this many columns take the single-block, read-once path.
 MAX_SINGLE_BLOCK = 8192
 # Column block of the streaming path under the interpreter (tests lower both limits to exercise it on small C).
 STREAM_BLOCK = 4096
-STATS_PER_ROW = 3  # lse(s/T), lse(t/T), lse(s): the backward kernel's inputs (forward KL)
-FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2  # the kernels' DIVERGENCE
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-
-
-def stats_per_row(divergence: int) -> int:
-    """The backward's statistics a row: reverse KL adds E_p[(s − t)/T], JSD that (or KL(p‖m)) and the gap."""
-    return (STATS_PER_ROW, STATS_PER_ROW + 1, STATS_PER_ROW + 2)[divergence]
 
 
 @triton.jit

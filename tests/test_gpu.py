@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from fastkd.config import Config
 from fastkd.data.registry import load_synthetic
 from fastkd.kernels import _kd_loss_triton as tk
-from fastkd.kernels.kd_loss import kd_loss, launch_kd_backward, launch_kd_kernel
+from fastkd.kernels._kd_launch import launch_kd_backward, launch_kd_kernel
+from fastkd.kernels.kd_loss import kd_loss
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, lr_at, make_sgd, set_lr
 from fastkd.updates import LossSettings, Updates

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from fastkd.kernels import _kd_loss_triton as tk
-from fastkd.kernels.kd_loss import KDLoss, kd_loss, launch_kd_kernel
+from fastkd.kernels import _kd_common
+from fastkd.kernels._kd_launch import launch_kd_kernel
+from fastkd.kernels.kd_loss import KDLoss, kd_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T, ALPHA, IGNORE = 3.0, 0.3, -100
@@ -293,7 +295,7 @@ def test_bad_arguments_raise_value_error_naming_the_argument(case):
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(tk, "INTERPRETED", False)
+    monkeypatch.setattr(_kd_common, "INTERPRETED", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         kd_loss(torch.randn(2, 3), torch.randn(2, 3), backend="triton")
 
@@ -336,12 +338,13 @@ def test_double_backward_is_refused_on_every_kernel_path(backend, fused, reducti
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_double_backward_is_refused_through_the_compiled_graphs_op(backend):
     """torch.compile runs the fastkd::kd_loss_forward op and its registered backward, not the eager Function."""
-    from fastkd.kernels import kd_loss as kernel
+    from fastkd.kernels._kd_ops import kd_loss_forward
 
     torch.manual_seed(0)
     s, t, y = logits(5, 7, torch.float32).requires_grad_(), logits(5, 7, torch.float32), targets(5, 7)
-    mode = kernel.STATS if backend == "triton" else kernel.GRAD
-    loss = kernel._kd_loss_forward(s, t, y, T, ALPHA, IGNORE, mode, kernel.MEAN, backend == "triton")[0]
+    gradient = "stats" if backend == "triton" else "grad"
+    loss = kd_loss_forward(s, t, y, temperature=T, alpha=ALPHA, ignore_index=IGNORE, reduction="mean",
+                           gradient=gradient, backend=backend)[0]
     with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
         torch.autograd.grad(loss, s, create_graph=True)
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from fastkd.kernels import _kd_loss_cpu
-from fastkd.kernels import kd_loss as kd
-from fastkd.kernels.kd_loss import kd_loss, kd_loss_reference
+from fastkd.kernels import _kd_ops
+from fastkd.kernels._kd_common import KDOptions
+from fastkd.kernels.kd_loss import kd_loss, kd_loss_linear, kd_loss_reference, kd_loss_sparse
 
 T, ALPHA, IGNORE = 3.0, 0.3, -100
 
@@ -36,7 +37,7 @@ def test_every_output_element_is_written_into_the_callers_poisoned_buffer(shape,
     s, t, y = _inputs(n, c, torch.float32, seed=c)
     y = y if with_target else None
     grad_out = torch.full((n, c), math.nan)
-    rows, _, grad = kd._cpu_forward(s, t, y, T, ALPHA, IGNORE, kd.GRAD, kd.NONE, grad_out)
+    rows, _, grad = _kd_ops._native_forward(s, t, y, KDOptions(T, ALPHA, IGNORE), "none", "grad", grad_out)
     assert grad.data_ptr() == grad_out.data_ptr()
     s64 = s.double().requires_grad_()
     exact = kd_loss_reference(s64, t.double(), y, temperature=T, alpha=ALPHA, reduction="none")
@@ -92,11 +93,60 @@ def test_the_kernel_is_built_once_into_the_cache_and_loaded_from_it(fresh_kernel
     assert sorted(fresh_kernel.iterdir()) == [library, _kd_loss_cpu._digest_path(library)]
 
 
-def test_no_compiler_is_one_clear_error(fresh_kernel, monkeypatch, tmp_path):
+@pytest.fixture
+def no_compiler(fresh_kernel, monkeypatch, tmp_path):
+    """No C++ compiler on PATH, an empty kernel cache, and the fallback's once-per-process warning not yet given."""
+    # Inductor reads $CXX once, when its config is first imported (a custom op's call may do that): imported here
+    # first, so that later torch.compile calls in this process do not keep the missing compiler.
+    import torch._inductor.config  # noqa: F401
+
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("PATH", str(tmp_path))
+    _kd_ops._warn_no_compiler.cache_clear()
+    yield
+    _kd_ops._warn_no_compiler.cache_clear()
+
+
+@pytest.mark.parametrize("entry", ["kd_loss", "kd_loss_linear", "kd_loss_sparse"])
+def test_asking_for_the_native_kernel_without_a_compiler_is_one_clear_error(no_compiler, entry):
+    s, t, y = _inputs(4, 9, torch.float32, seed=1)
+    calls = {"kd_loss": lambda: kd_loss(s, t, y, backend="native"),
+             "kd_loss_linear": lambda: kd_loss_linear(s, torch.eye(9), y, teacher_logits=t, backend="native"),
+             "kd_loss_sparse": lambda: kd_loss_sparse(s, *t.topk(3, dim=1), y, backend="native")}
     with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler: neither 'no-such-compiler' nor 'c\\+\\+'"):
-        kd_loss(torch.randn(2, 3), torch.randn(2, 3))
+        calls[entry]()
+
+
+def test_without_a_compiler_auto_computes_the_loss_in_plain_torch_with_one_warning(no_compiler):
+    """backend="auto" on the CPU: the same loss and gradient as the float64 reference, for every entry point and
+    reduction, and a single warning saying what is slower and how to get the native kernel."""
+    s, t, y = _inputs(6, 11, torch.float32, seed=2)
+    weight = torch.randn(11, 11, dtype=torch.float64)
+    values, indices = t.topk(4, dim=1)
+    dense_topk = torch.full_like(t, -math.inf).scatter_(1, indices, values)
+    with pytest.warns(RuntimeWarning) as caught:
+        for reduction in ("mean", "sum", "none"):
+            cases = [(lambda x: kd_loss(x, t, y, temperature=T, alpha=ALPHA, reduction=reduction), s, t),
+                     (lambda x: kd_loss_sparse(x, values, indices, y, temperature=T, alpha=ALPHA, reduction=reduction,
+                                               chunk_size=4), s, dense_topk),
+                     (lambda h: kd_loss_linear(h, weight.float(), y, teacher_logits=t, temperature=T, alpha=ALPHA,
+                                               reduction=reduction, chunk_size=4), s @ weight.float().inverse().T,
+                      t)]
+            for loss_of, x, teacher in cases:
+                x = x.detach().requires_grad_()
+                loss = loss_of(x)
+                (grad,) = torch.autograd.grad(loss.sum(), x)
+                x64 = x.detach().double().requires_grad_()
+                logits64 = x64 @ weight.T if loss_of is cases[2][0] else x64
+                exact = kd_loss_reference(logits64, teacher.double(), y, temperature=T, alpha=ALPHA,
+                                          reduction=reduction)
+                (exact_grad,) = torch.autograd.grad(exact.sum(), x64)
+                torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-4, atol=1e-5)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert "plain torch" in message and "slower" in message and "install a C++ compiler" in message
+    assert "'no-such-compiler'" in message
 
 
 def test_a_failed_build_names_the_command_and_shows_the_compiler_output(fresh_kernel, monkeypatch, tmp_path):

@@ -21,10 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastkd.kernels import _kd_loss_cpu
+from fastkd.kernels import _kd_launch, _kd_loss_cpu, _kd_ops
 from fastkd.kernels import _kd_loss_triton as tk
-from fastkd.kernels import kd_loss as kd
-from fastkd.kernels.kd_loss import KDLinearLoss, KDLoss, kd_loss, kd_loss_linear, launch_kd_kernel
+from fastkd.kernels._kd_common import KDOptions, stats_per_row
+from fastkd.kernels._kd_launch import launch_kd_backward, launch_kd_kernel
+from fastkd.kernels.kd_loss import KDLinearLoss, KDLoss, kd_loss, kd_loss_linear
 
 U = 2.0**-24
 IGNORE = -100
@@ -233,17 +234,15 @@ def test_triton_writes_every_output_over_poisoned_buffers(request, path, diverge
     request.getfixturevalue("stream_path") if path == "stream" else None
     n, c, temperature, alpha = 5, 150, 3.0, 0.3
     s, t, y = logits(n, c, torch.bfloat16), logits(n, c, torch.bfloat16), targets(n, c)
-    code = tk.DIVERGENCES.index(divergence)
+    hyper = dict(divergence=divergence, jsd_beta=beta, softcap=9.0)
     rows = torch.full((n,), math.nan)
     grad = torch.full((n, c), math.nan, dtype=torch.bfloat16)
-    stats = torch.full((n, tk.stats_per_row(code)), math.nan)
-    launch_kd_kernel(s, t, y, temperature, alpha, IGNORE, rows, grad, divergence=code, jsd_beta=beta, softcap=9.0)
+    stats = torch.full((n, stats_per_row(divergence)), math.nan)
+    launch_kd_kernel(s, t, y, temperature, alpha, IGNORE, rows, grad, **hyper)
     rows_2 = torch.full((n,), math.nan)
-    launch_kd_kernel(s, t, y, temperature, alpha, IGNORE, rows_2, stats=stats, divergence=code, jsd_beta=beta,
-                     softcap=9.0)
+    launch_kd_kernel(s, t, y, temperature, alpha, IGNORE, rows_2, stats=stats, **hyper)
     grad_2 = torch.full((n, c), math.nan, dtype=torch.bfloat16)
-    kd.launch_kd_backward(s, t, y, stats, torch.ones(n), temperature, alpha, IGNORE, grad_2, divergence=code,
-                          jsd_beta=beta, softcap=9.0)
+    launch_kd_backward(s, t, y, stats, torch.ones(n), temperature, alpha, IGNORE, grad_2, **hyper)
     s64 = s.double().requires_grad_()
     exact = textbook(s64, t, y, divergence, beta, temperature, alpha, softcap=9.0)
     exact.sum().backward()
@@ -258,8 +257,8 @@ def test_cpu_kernel_writes_every_output_into_a_poisoned_buffer(divergence, beta)
     n, c = 64, 1000  # on every thread
     s, t, y = logits(n, c), logits(n, c), targets(n, c)
     grad_out = torch.full((n, c), math.nan)
-    rows, _, grad = kd._cpu_forward(s, t, y, 3.0, 0.3, IGNORE, kd.GRAD, kd.NONE, grad_out,
-                                    divergence=tk.DIVERGENCES.index(divergence), jsd_beta=beta, softcap=6.0)
+    options = KDOptions(3.0, 0.3, IGNORE, divergence, beta, 6.0)
+    rows, _, grad = _kd_ops._native_forward(s, t, y, options, "none", "grad", grad_out)
     assert grad.data_ptr() == grad_out.data_ptr() and torch.isfinite(grad).all() and torch.isfinite(rows).all()
     s64 = s.double().requires_grad_()
     exact = textbook(s64, t, y, divergence, beta, 3.0, 0.3, softcap=6.0)
@@ -318,10 +317,10 @@ def test_triton_launches_for_twenty_values_share_one_compiled_variant(monkeypatc
         monkeypatch.setattr(tk, name, Recorder())
     x = logits(2, 50)
     for i in range(20):
-        hyper = dict(divergence=tk.JSD, jsd_beta=i / 19, softcap=1.0 + i)
+        hyper = dict(divergence="jsd", jsd_beta=i / 19, softcap=1.0 + i)
         launch_kd_kernel(x, x, None, 0.5 + 0.2 * i, 0.5, IGNORE, torch.empty(2), stats=torch.empty(2, 5), **hyper)
-        kd.launch_kd_backward(x, x, None, torch.empty(2, 5), torch.ones(2), 0.5 + 0.2 * i, 0.5, IGNORE,
-                              torch.empty(2, 50), **hyper)
+        launch_kd_backward(x, x, None, torch.empty(2, 5), torch.ones(2), 0.5 + 0.2 * i, 0.5, IGNORE,
+                           torch.empty(2, 50), **hyper)
     assert len(variants) == 2  # the forward's and the backward's
     assert len(floats) == 40  # the values did reach the launches, as arguments
 
@@ -347,9 +346,10 @@ def test_bad_divergence_arguments_are_one_value_error_before_any_kernel(monkeypa
     def no_kernel(*args, **kwargs):
         raise AssertionError("a kernel ran before the arguments were checked")
 
-    monkeypatch.setattr(kd, "_triton_forward", no_kernel)
-    monkeypatch.setattr(kd, "_cpu_forward", no_kernel)
+    for name in ("_triton_forward", "_native_forward", "_torch_forward"):
+        monkeypatch.setattr(_kd_ops, name, no_kernel)
     monkeypatch.setattr(_kd_loss_cpu, "run", no_kernel)
+    monkeypatch.setattr(_kd_launch, "launch_kd_kernel", no_kernel)
     name, call = _bad_calls()[case]
     with pytest.raises(ValueError, match=name):
         call()
@@ -399,7 +399,7 @@ def test_bytes_moved_per_divergence(monkeypatch, divergence, beta, c):
     s, t, y = torch.randn(n, c) * 3, torch.randn(n, c) * 3, torch.randint(0, c, (n,))
     count = MovedBytes(monkeypatch)
     logits_bytes = n * c * elem
-    k = tk.stats_per_row(tk.DIVERGENCES.index(divergence))
+    k = stats_per_row(divergence)
     assert k == {"reverse_kl": 4, "jsd": 5}[divergence]
     streamed = c > tk.MAX_SINGLE_BLOCK
     jsd_pass = 2 * logits_bytes if streamed and divergence == "jsd" and 0 < beta < 1 else 0
@@ -433,3 +433,21 @@ def test_a_nan_logit_reaches_the_loss_without_a_target(request, path, divergence
     s[0, 5], t[1, 7] = math.nan, math.nan
     rows = kd_loss(s, t, temperature=2.0, reduction="none", backend=backend, divergence=divergence, jsd_beta=beta)
     assert torch.isnan(rows[:2]).all() and torch.isfinite(rows[2])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused_backward"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_every_divergence_compiles_fullgraph_and_matches_eager(backend, fused):
+    """Through the op's named options (its fake makes JSD's five statistics a row on the generic Triton path)."""
+    torch._dynamo.reset()
+    s0, t, y = logits(8, 33), logits(8, 33), targets(8, 33)
+    for divergence, beta, softcap in (("reverse_kl", 0.5, None), ("jsd", 0.3, 6.0)):
+        def loss_of(s):
+            return kd_loss(s, t, y, temperature=2.0, alpha=0.4, backend=backend, fused_backward=fused,
+                           divergence=divergence, jsd_beta=beta, softcap=softcap)
+
+        assert torch._dynamo.explain(loss_of)(s0.clone().requires_grad_()).graph_break_count == 0
+        s_c, s_e = s0.clone().requires_grad_(), s0.clone().requires_grad_()
+        torch.compile(loss_of, fullgraph=True)(s_c).backward()
+        loss_of(s_e).backward()
+        torch.testing.assert_close(s_c.grad, s_e.grad)

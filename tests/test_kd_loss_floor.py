@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from triton.runtime import interpreter
 
 from fastkd.kernels import _kd_loss_triton as tk
-from fastkd.kernels.kd_loss import kd_loss, launch_kd_kernel
+from fastkd.kernels._kd_launch import launch_kd_kernel
+from fastkd.kernels.kd_loss import kd_loss
 
 # The Triton cases run on CPU tensors, which only the interpreter takes (and only it can count bytes). Where this
 # process compiles Triton for a GPU instead, they skip here and test_the_triton_cases_pass_in_the_interpreter runs

@@ -32,7 +32,7 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
 from fastkd.kernels import _kd_loss_triton as tk
-from fastkd.kernels import kd_loss as kd
+from fastkd.kernels import _kd_launch as kd
 
 worker, workers = int(sys.argv[1]), int(sys.argv[2])
 assert not tk.INTERPRETED

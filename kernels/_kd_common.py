@@ -1,0 +1,329 @@
+"""What every kd_loss entry point shares, below all of them: the named options, the argument checks, the reduction
+and the plain-torch reference. It imports nothing else of fastkd.kernels and never Triton."""
+import dataclasses
+import importlib.util
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+# "auto": Triton on CUDA, the native kernel on the CPU (plain torch, with a warning, where no C++ compiler is found);
+# "native": the native CPU kernel or an error; "triton": the Triton kernels (CPU tensors under TRITON_INTERPRET=1);
+# "torch": plain autograd through the reference.
+BACKENDS = ("auto", "native", "triton", "torch")
+
+# The Triton interpreter runs the kernels on CPU tensors (tests); it must be switched on before Triton is imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# What the dense forward op makes besides the loss (its `gradient` field).
+LOSS_ONLY = "loss_only"  # nothing: no gradient is needed
+STATS = "stats"  # per-row log-sum-exps for the Triton backward kernel (the generic autograd path)
+GRAD = "grad"  # the gradient of the reduced loss (of each row for "none"), times the incoming gradient in the backward
+FUSED = "fused"  # the gradient already scaled by the reduction, returned as it is by the backward (fused_backward)
+STATS_PER_ROW = 3  # lse(s/T), lse(t/T), lse(s): the Triton backward kernel's inputs (forward KL)
+# With p = softmax(s/T), q = softmax(t/T): KL(q ‖ p), KL(p ‖ q), and β·KL(q ‖ m) + (1 − β)·KL(p ‖ m) with
+# m = β·q + (1 − β)·p, β = jsd_beta; β = 0 is forward KL and β = 1 reverse KL (the convention TRL and Liger share:
+# the formula itself is 0 at both ends). The order is the kernels' DIVERGENCE code.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def stats_per_row(divergence: str) -> int:
+    """The Triton backward's statistics a row: reverse KL adds E_p[(s − t)/T], JSD that (or KL(p ‖ m)) and the gap
+    lse(t/T) − lse(s/T)."""
+    return STATS_PER_ROW + DIVERGENCES.index(divergence)
+
+
+@dataclasses.dataclass(frozen=True)
+class KDOptions:
+    """The loss's named options. Every op takes them as keyword fields of its schema (OPTIONS_SCHEMA is made from
+    this class), so a new option is one field here, its check in check_options, and its use in the kernels."""
+    temperature: float
+    alpha: float
+    ignore_index: int
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    softcap: float = 0.0  # c of c·tanh(z/c) on both logits before the temperature; 0: off (None in the API)
+
+    def fields(self) -> dict:
+        # Not dataclasses.asdict: torch 2.11's Dynamo cannot trace it (its deep copy), and kd_loss calls this while
+        # being compiled.
+        return {name: getattr(self, name) for name in _OPTION_NAMES}
+
+
+_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(KDOptions))
+_SCHEMA_TYPES = {float: "float", int: "int", bool: "bool", str: "str"}
+
+
+def _schema_field(field) -> str:
+    # A field with a default (the options added after the first three) keeps it in the schema, so that a call
+    # naming only the first three still runs forward KL without a soft cap.
+    text = f"{_SCHEMA_TYPES[field.type]} {field.name}"
+    if field.default is dataclasses.MISSING:
+        return text
+    return text + (f'="{field.default}"' if isinstance(field.default, str) else f"={field.default!r}")
+
+
+OPTIONS_SCHEMA = ", ".join(_schema_field(f) for f in dataclasses.fields(KDOptions))
+
+
+def result_dtype(s: Tensor) -> torch.dtype:
+    # float32 whatever the input precision; float64 inputs (used for gradcheck) keep float64.
+    return torch.float64 if s.dtype == torch.float64 else torch.float32
+
+
+def kernel_scalars(options: KDOptions) -> tuple[float, float, float, float]:
+    """1/T, the divergence's loss and gradient weights, and the cross-entropy weight."""
+    temperature, alpha = options.temperature, options.alpha
+    return 1.0 / temperature, alpha * temperature * temperature, alpha * temperature, 1.0 - alpha
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reductions.
+# --------------------------------------------------------------------------------------------------------------------
+
+def reduce_rows(rows: Tensor, target: Optional[Tensor], ignore_index: int, reduction: str) -> Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if target is None:
+        return total / rows.shape[0]
+    counted = (target != ignore_index).sum()
+    return total / counted.clamp(min=1)
+
+
+def reduction_scale(s: Tensor, target: Optional[Tensor], ignore_index: int, reduction: str) -> Tensor:
+    """∂(reduced loss)/∂(row loss), on the device: what reduce_rows' backward would send to every row."""
+    one = torch.ones((), dtype=result_dtype(s), device=s.device)
+    if reduction == "sum":
+        return one
+    if target is None:
+        return one / s.shape[0]
+    return one / (target != ignore_index).sum().clamp(min=1)
+
+
+def scaled(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """A saved gradient (of the reduced loss, or of each row for "none") times the incoming gradient, multiplied in
+    float32 (float64 for float64), in grad's dtype."""
+    factor = grad_loss[:, None] if grad_loss.dim() == 1 else grad_loss
+    return (grad.to(result_dtype(grad)) * factor).to(grad.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The plain reference (autograd through log_softmax / cross_entropy).
+# --------------------------------------------------------------------------------------------------------------------
+
+def soft_capped(x: Tensor, softcap: Optional[float]) -> Tensor:
+    """c·tanh(x / c), or x where softcap is None or 0 (off)."""
+    return softcap * torch.tanh(x / softcap) if softcap else x
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Per-row KL(a ‖ b) from log-probabilities, 0 where a is 0 (also in the gradient); NaN stays NaN."""
+    a = log_a.exp()
+    present = a != 0
+    terms = a * (torch.where(present, log_a, 0.0) - torch.where(present, log_b, 0.0))
+    return torch.where(present, terms, 0.0).sum(1)
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """log(β·q + (1 − β)·p); where both are 0 (masked), 0 rather than logaddexp(-inf, -inf), whose gradient is NaN."""
+    both_zero = (log_p == -math.inf) & (log_q == -math.inf)
+    return torch.logaddexp(torch.where(both_zero, 0.0, log_q + math.log(beta)),
+                           torch.where(both_zero, 0.0, log_p + math.log1p(-beta)))
+
+
+def _effective(divergence: str, beta: float) -> str:
+    # JSD's ends are forward and reverse KL by convention (the formula degenerates there).
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return divergence
+
+
+def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: str = "forward_kl",
+                    jsd_beta: float = 0.5) -> Tensor:
+    """Per-row divergence between the temperature softmaxes of (already soft-capped) s and t, in their dtype."""
+    log_p = F.log_softmax(s / temperature, dim=1)
+    log_q = F.log_softmax(t / temperature, dim=1)
+    divergence = _effective(divergence, jsd_beta)
+    if divergence == "forward_kl":
+        return _kl(log_q, log_p)
+    if divergence == "reverse_kl":
+        return _kl(log_p, log_q)
+    log_m = _log_mixture(log_p, log_q, jsd_beta)
+    return jsd_beta * _kl(log_q, log_m) + (1 - jsd_beta) * _kl(log_p, log_m)
+
+
+def divergence_grad(s: Tensor, t: Tensor, temperature: float, divergence: str, jsd_beta: float) -> Tensor:
+    """∂D/∂(s/T) of divergence_rows in closed form (p = softmax(s/T), q = softmax(t/T)): p − q; reverse KL
+    p·(log(p/q) − KL(p ‖ q)); JSD (1 − β)·p·(log(p/m) − KL(p ‖ m)). 0 where p is 0."""
+    log_p = F.log_softmax(s / temperature, dim=1)
+    log_q = F.log_softmax(t / temperature, dim=1)
+    p = log_p.exp()
+    divergence = _effective(divergence, jsd_beta)
+    if divergence == "forward_kl":
+        return p - log_q.exp()
+    log_other = log_q if divergence == "reverse_kl" else _log_mixture(log_p, log_q, jsd_beta)
+    log_ratio = torch.where(p != 0, log_p - log_other, 0.0)
+    kl = torch.where(p != 0, p * log_ratio, 0.0).sum(1, keepdim=True)
+    weight = 1.0 if divergence == "reverse_kl" else 1 - jsd_beta
+    return weight * torch.where(p != 0, p * (log_ratio - kl), 0.0)
+
+
+def reference_rows(s: Tensor, t: Tensor, target: Optional[Tensor], options: KDOptions) -> Tensor:
+    temperature, alpha, ignore_index = options.temperature, options.alpha, options.ignore_index
+    compute = result_dtype(s)
+    s32 = soft_capped(s.to(compute), options.softcap)
+    t32 = soft_capped(t.detach().to(compute), options.softcap)
+    # 0·log 0 = 0 on masked (-inf) classes; a NaN logit is not masked and reaches the loss.
+    rows = alpha * temperature**2 * divergence_rows(s32, t32, temperature, options.divergence, options.jsd_beta)
+    if target is not None:
+        keep = target != ignore_index
+        ce = F.cross_entropy(s32, target, ignore_index=ignore_index, reduction="none")
+        rows = torch.where(keep, rows + (1 - alpha) * ce, 0.0)
+    return rows.to(result_dtype(s))
+
+
+def reference_grad(s: Tensor, t: Tensor, target: Optional[Tensor], options: KDOptions) -> Tensor:
+    """∂ℓᵢ/∂sᵢ of reference_rows in closed form, α·T·∂D/∂(s/T) + (1−α)·(softmax(s) − onehot(y)), times the soft
+    cap's slope 1 − tanh²(s/c), in float32 (float64 for float64): autograd cannot run inside an op's kernel, where
+    the fallback needs it."""
+    temperature, alpha, ignore_index = options.temperature, options.alpha, options.ignore_index
+    compute = result_dtype(s)
+    s_raw = s.detach().to(compute)
+    s32, t32 = soft_capped(s_raw, options.softcap), soft_capped(t.detach().to(compute), options.softcap)
+    grad = alpha * temperature * divergence_grad(s32, t32, temperature, options.divergence, options.jsd_beta)
+    if target is not None:
+        keep = target != ignore_index
+        onehot = F.one_hot(torch.where(keep, target, 0), s.shape[1]).to(compute)
+        grad = torch.where(keep[:, None], grad + (1 - alpha) * (torch.softmax(s32, dim=1) - onehot), 0.0)
+    if options.softcap:
+        grad = grad * (1 - torch.tanh(s_raw / options.softcap) ** 2)
+    return grad
+
+
+def kd_loss_reference(student_logits, teacher_logits, target=None, *, temperature=1.0, alpha=0.5,
+                      ignore_index=-100, reduction="mean", divergence="forward_kl", jsd_beta=0.5, softcap=None):
+    """The plain torch reference with autograd: same contract as `kd_loss`, no validation of target values
+    (softcap None or 0: off)."""
+    options = KDOptions(float(temperature), float(alpha), int(ignore_index), divergence, float(jsd_beta),
+                        float(softcap or 0.0))
+    rows = reference_rows(student_logits, teacher_logits, target, options)
+    return reduce_rows(rows, target, options.ignore_index, reduction)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Argument checks: one ValueError naming the argument.
+# --------------------------------------------------------------------------------------------------------------------
+
+def check_logits(s, t, target, ignore_index, check_target=True) -> None:
+    if not isinstance(s, Tensor) or s.dim() != 2:
+        raise ValueError(f"student_logits must be a 2-D (N, C) tensor, got shape {tuple(getattr(s, 'shape', ()))}")
+    if not isinstance(t, Tensor) or t.shape != s.shape:
+        raise ValueError(f"teacher_logits must have the shape of student_logits {tuple(s.shape)}, "
+                         f"got {tuple(getattr(t, 'shape', ()))}")
+    if s.shape[0] < 1 or s.shape[1] < 1:
+        raise ValueError(f"student_logits must have N >= 1 rows and C >= 1 classes, got {tuple(s.shape)}")
+    if s.dtype not in DTYPES:
+        raise ValueError(f"student_logits must be float32, bfloat16, float16 or float64, got {s.dtype}")
+    if t.dtype != s.dtype:
+        raise ValueError(f"teacher_logits dtype {t.dtype} does not match student_logits dtype {s.dtype}")
+    if t.device != s.device:
+        raise ValueError(f"teacher_logits is on {t.device} but student_logits is on {s.device}")
+    validate_target(target, s.shape[0], s.shape[1], s.device, "student_logits", check_target, ignore_index)
+
+
+def validate_hyperparameters(temperature, alpha, reduction, backend) -> None:
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def validate_divergence(divergence, jsd_beta, softcap) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if isinstance(jsd_beta, bool) or not isinstance(jsd_beta, (int, float)) or not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must be a number in [0, 1], got {jsd_beta!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None (off) or a finite number > 0, got {softcap!r}")
+
+
+def check_options(temperature, alpha, ignore_index, reduction, backend, divergence="forward_kl", jsd_beta=0.5,
+                  softcap=None) -> KDOptions:
+    """The checked options, in the types the op schemas take (softcap None as 0.0)."""
+    validate_hyperparameters(temperature, alpha, reduction, backend)
+    validate_divergence(divergence, jsd_beta, softcap)
+    return KDOptions(float(temperature), float(alpha), int(ignore_index), divergence, float(jsd_beta),
+                     0.0 if softcap is None else float(softcap))
+
+
+def validate_target(target, n: int, num_classes: int, device, rows_name: str, check_values: bool,
+                        ignore_index: int) -> None:
+    """target: None or an (n,) integer tensor on `device` (that of `rows_name`), whose values (if check_values) are
+    in [0, num_classes) or ignore_index."""
+    if target is None:
+        return
+    if not isinstance(target, Tensor) or target.shape != (n,):
+        raise ValueError(f"target must be an (N,) = ({n},) integer tensor, "
+                         f"got shape {tuple(getattr(target, 'shape', ()))}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"target must be an integer tensor, got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but {rows_name} is on {device}")
+    if check_values:
+        _check_target_values(target, num_classes, ignore_index)
+
+
+
+def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    # Reading target values is a host sync. It is skipped while compiling or capturing a CUDA graph; there, an
+    # out-of-range target yields a NaN loss (never a silent wrong value).
+    if torch.compiler.is_compiling():
+        return
+    if target.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    low, high = (int(v) for v in torch.aminmax(target))  # one pass, one read; the common case ends here
+    if 0 <= low and high < num_classes:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(f"target holds {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}")
+
+
+def _triton_installed() -> bool:
+    # Looked up, not imported: importing Triton costs a second, and only a launch needs it.
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (imports of it blocked)
+        return False
+
+
+TRITON_INSTALLED = _triton_installed()
+
+
+def check_backend_for_device(s: Tensor, backend: str) -> None:
+    """The kernels' backends (all but "torch") need tensors on a device they run on."""
+    if s.device.type not in ("cpu", "cuda"):  # the kernels read raw CPU or CUDA memory
+        raise ValueError(f"backend={backend!r} takes CUDA or CPU tensors, got {s.device.type} tensors; "
+                         "backend='torch' runs on any device")
+    if backend == "native" and s.is_cuda:
+        raise ValueError("backend='native' is the CPU kernel and takes CPU tensors; use backend='auto' on CUDA")
+    if backend == "triton" and not (s.is_cuda or INTERPRETED):
+        raise ValueError("backend='triton' needs CUDA tensors; on CPU tensors it runs only under TRITON_INTERPRET=1 "
+                         "(set before fastkd is imported). Use backend='auto' for the CPU implementation.")
+    if (backend == "triton" or s.is_cuda) and not TRITON_INSTALLED:
+        raise ValueError(f"backend={backend!r} on {s.device.type} tensors runs Triton kernels, and Triton is not "
+                         "installed (pip install triton); backend='torch' runs without it")
