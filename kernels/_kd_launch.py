@@ -9,10 +9,12 @@ from . import _kd_loss_triton as _tk
 from ._kd_common import DIVERGENCES, KDOptions, kernel_scalars
 
 
-def _row_launch(c: int) -> Optional[dict]:
-    """Block and warps of a row that fits in one block (read once), or None for the streaming path."""
+def _row_launch(c: int, flags: dict) -> Optional[dict]:
+    """Block and warps of a row that fits in one block (read once), or None for the streaming path. JSD and the soft
+    cap hold more per element: their rows stream above MAX_SINGLE_BLOCK_HEAVY (at 8192 they spill registers)."""
     width = triton.next_power_of_2(c)
-    if width > _tk.MAX_SINGLE_BLOCK:
+    heavy = flags["DIVERGENCE"] == DIVERGENCES.index("jsd") or flags["SOFTCAP"]
+    if width > (min(_tk.MAX_SINGLE_BLOCK, _tk.MAX_SINGLE_BLOCK_HEAVY) if heavy else _tk.MAX_SINGLE_BLOCK):
         return None
     return dict(SINGLE_BLOCK=True, BLOCK=width, num_warps=4 if width <= 1024 else 8 if width <= 4096 else 16)
 
@@ -46,7 +48,7 @@ def launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad=
             inv_t, kl_loss_scale, kl_grad_scale, ce_weight, ignore_index)
     flags = dict(HAS_TARGET=target is not None, STORE_STATS=store_stats, WRITE_GRAD=write_grad,
                  **_divergence_args(divergence, jsd_beta, softcap))
-    single = _row_launch(c)
+    single = _row_launch(c, flags)
     if single is not None:
         _tk.kd_loss_fwd_kernel[(n,)](*args, **flags, **single)
     elif _tk.INTERPRETED:
@@ -66,7 +68,7 @@ def launch_kd_backward(s, t, target, stats, grad_rows, temperature, alpha, ignor
             c, s.stride(0), s.stride(1), t.stride(0), t.stride(1),
             inv_t, kl_grad_scale, ce_weight, ignore_index)
     flags = dict(HAS_TARGET=target is not None, **_divergence_args(divergence, jsd_beta, softcap))
-    single = _row_launch(c)
+    single = _row_launch(c, flags)
     if single is not None:
         _tk.kd_loss_bwd_kernel[(n,)](*args, **flags, **single)
     elif _tk.INTERPRETED:

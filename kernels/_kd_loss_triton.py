@@ -36,6 +36,9 @@ from ._kd_common import DIVERGENCES, INTERPRETED, STATS_PER_ROW, stats_per_row  
 
 # Rows whose padded width fits in this many columns take the single-block, read-once path.
 MAX_SINGLE_BLOCK = 8192
+# The same for JSD and soft-capped rows, which hold more values an element (checked on sm_90: at 8192 columns and 16
+# warps their forward spills 56 to 440 bytes of registers; at 4096 and 8 warps none).
+MAX_SINGLE_BLOCK_HEAVY = 4096
 # Column block of the streaming path under the interpreter (tests lower both limits to exercise it on small C).
 STREAM_BLOCK = 4096
 

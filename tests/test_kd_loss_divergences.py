@@ -451,3 +451,20 @@ def test_every_divergence_compiles_fullgraph_and_matches_eager(backend, fused):
         torch.compile(loss_of, fullgraph=True)(s_c).backward()
         loss_of(s_e).backward()
         torch.testing.assert_close(s_c.grad, s_e.grad)
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["uncapped", "softcap"])
+@pytest.mark.parametrize("divergence, beta", DIVERGENCES, ids=DIV_IDS)
+def test_the_no_compiler_fallbacks_closed_form_gradient(divergence, beta, softcap):
+    """Where no C++ compiler is found, backend="auto" on the CPU runs plain torch inside the op, where autograd
+    cannot: its closed-form gradient (reference_grad) against autograd through the textbook formula, float64."""
+    s, t, y = logits(6, 50, torch.float64), logits(6, 50, torch.float64), targets(6, 50)
+    s[:, :5] = t[:, :5] = -math.inf  # masked classes: 0, not NaN
+    y[y < 5] = 7
+    options = KDOptions(2.0, 0.4, IGNORE, divergence, beta, softcap or 0.0)
+    rows, _, grad = _kd_ops._torch_forward(s, t, y, options, "none", "grad")
+    s64 = s.clone().requires_grad_()
+    exact = textbook(s64, t, y, divergence, beta, 2.0, 0.4, softcap)
+    exact.sum().backward()
+    torch.testing.assert_close(rows, exact, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, s64.grad, rtol=1e-10, atol=1e-12)
