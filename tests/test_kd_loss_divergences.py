@@ -3,8 +3,8 @@ CPU kernel, the torch reference and the chunked kd_loss_linear, against a float6
 
 Tolerances (u = 2^-24, float32's unit roundoff):
 * per-row loss, float32 and bfloat16 inputs (both computed in float32 from the exact inputs): 1e-6 relative, the
-  issue's target, reached at standard-normal and ×4 logits with C up to 32000; plus, for rows whose divergence is
-  about 0 (C = 1), the rounding of their O(max|x|/T) terms: 2u·α·T·(max|s| + max|t|) absolute.
+  issue's target, reached at standard-normal and ×4 logits with C up to 32000; for rows of one class (loss 0),
+  the rounding of their O(max|x|/T) terms: 2u·α·T·(max|s| + max|t|) absolute.
 * gradient, max error of a row over its largest entry: every path forms p = e^(x − lse) from a float32 log-sum-exp,
   whose rounding (u·|lse|) and that of the argument (u·(|x| + |lse|)) shift each probability, for the student and
   the teacher at T and the student at 1 (the cross-entropy), so the bound is
@@ -103,8 +103,8 @@ def check(s, t, y, divergence, beta, backend, temperature=3.0, alpha=0.3, softca
     (exact * weights).sum().backward()
     (rows * weights.float()).sum().backward()
     assert rows.dtype == torch.float32 and s_in.grad.dtype == s.dtype
-    # A row whose divergence is about 0 (C = 1) keeps the rounding of its O(max|x|/T) terms, times α·T².
-    floor = 2 * U * alpha * temperature * (finite_max(s) + finite_max(t))
+    # A row of one class has a loss of 0, and keeps the rounding of its O(max|x|/T) terms, times α·T².
+    floor = 2 * U * alpha * temperature * (finite_max(s) + finite_max(t)) if s.shape[1] == 1 else 1e-300
     loss_error = ((rows.double() - exact).abs() / (loss_rtol * exact.abs() + floor)).max().item()
     assert loss_error <= 1.0, f"loss: {loss_error:.3g} times the allowed error"
     tol = grad_bound(s, t, temperature) if grad_tol is None else grad_tol
@@ -139,11 +139,14 @@ def test_every_divergence_on_every_path_matches_float64(request, divergence, bet
 
 
 @pytest.mark.parametrize("path", ["triton", "stream", "cpu"])
-@pytest.mark.parametrize("divergence, beta", [("reverse_kl", 0.5), ("jsd", 0.3)], ids=["reverse_kl", "jsd0.3"])
+@pytest.mark.parametrize("divergence, beta", [("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.1)],
+                         ids=["reverse_kl", "jsd0.3", "jsd0.1"])
 def test_divergence_alone_is_within_1e6_at_every_temperature(request, divergence, beta, path):
-    """α = 1 without a target: the divergence alone, where cancellation would show (the cross-entropy is larger)."""
+    """α = 1 without a target: the divergence alone, where cancellation would show (the cross-entropy is larger).
+    JSD at a skewed β and T = 3 is the hardest: its terms are O(r²) from O(r) pieces, so a shift of every log-ratio
+    by one rounding (of a normaliser) costs 2e-6 there."""
     backend = backend_of(request, path)
-    n, c = (2, 1271) if path == "cpu" else (2, 300)
+    n, c = (64, 1271) if path == "cpu" else (2, 300)  # many rows: each rounds its normalisers differently
     s, t = logits(n, c, scale=1.0), logits(n, c, scale=1.0)
     for temperature in (0.5, 1.0, 3.0):
         check(s, t, None, divergence, beta, backend, temperature=temperature, alpha=1.0)
