@@ -22,8 +22,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ._kd_common import (DTYPES, OPTIONS_SCHEMA, KDOptions, check_backend_for_device, check_options, kd_loss_reference,
-                         reduce_rows, reduction_scale, result_dtype, scaled, validate_target)
+from ._kd_common import (DTYPES, OPTIONS_SCHEMA, KDOptions, check_backend_for_device, check_options, common_vocabulary,
+                         first_columns, first_rows, kd_loss_reference, reduce_rows, reduction_scale, result_dtype,
+                         scaled, validate_target)
 from ._kd_ops import CHUNK_KERNELS
 
 __all__ = ["kd_loss_linear", "kd_loss_sparse", "KDLinearLoss", "auto_chunk_size"]
@@ -358,7 +359,8 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
                    teacher_bias: Optional[Tensor] = None, teacher_topk: Optional[tuple[Tensor, Tensor]] = None,
                    temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
                    chunk_size: Optional[int] = None, backend: str = "auto", divergence: str = "forward_kl",
-                   jsd_beta: float = 0.5, softcap: Optional[float] = None) -> Tensor:
+                   jsd_beta: float = 0.5, softcap: Optional[float] = None,
+                   vocab_size: Optional[int] = None) -> Tensor:
     """`kd_loss(student_hidden @ student_weight.T + student_bias, teacher_logits, target, ...)` without the (N, V)
     logits: rows in chunks of `chunk_size` (None: `auto_chunk_size`), extra memory O(chunk · V). divergence,
     jsd_beta and softcap as in `kd_loss` (the cap applies to the student's and the teacher's logits).
@@ -369,6 +371,11 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
     student_bias only. backend: as `kd_loss`'s ("auto", "native", "triton"), or "torch" (the materialised
     plain-torch reference, for comparison). No host sync under torch.compile; eager calls check target
     and top-k index values (a host read), as `kd_loss` does.
+
+    vocab_size=V reads the student's weight and bias, and the teacher's logits, weight and bias, over their first V
+    classes only (views, no copy; top-k indices must be < V): a teacher whose vocabulary is padded to another
+    multiple, or has extra tokens. The gradients of student_weight and student_bias keep their full V_s rows, 0 past
+    V. Without it, a teacher width other than the student's is a ValueError naming both.
     """
     _check_matrix(student_hidden, "student_hidden", (None, None), getattr(student_hidden, "dtype", None),
                   getattr(student_hidden, "device", None))
@@ -380,6 +387,9 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
     vocabulary = student_weight.shape[0]
     if student_bias is not None:
         _check_matrix(student_bias, "student_bias", (vocabulary,), dtype, device)
+    student_weight, student_bias, teacher_logits, teacher_weight, teacher_bias = _first_vocabulary(
+        vocab_size, n, student_weight, student_bias, teacher_logits, teacher_weight, teacher_bias)
+    vocabulary = student_weight.shape[0]
     given = [name for name, x in (("teacher_logits", teacher_logits), ("teacher_hidden", teacher_hidden),
                                   ("teacher_topk", teacher_topk)) if x is not None]
     if len(given) != 1:
@@ -423,17 +433,40 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
                            grad_weight=wants[1], grad_bias=wants[2], backend=backend)[0]
 
 
+def _first_vocabulary(vocab_size, n, weight, bias, teacher_logits, teacher_weight, teacher_bias) -> tuple:
+    """The student's weight and bias and the teacher's logits, weight and bias over their common vocabulary:
+    views of their first V classes (vocab_size), or as given. Malformed teacher tensors pass through unchanged,
+    for kd_loss_linear's shape checks to name."""
+    widths = {"student_weight": weight.shape[0]}
+    if isinstance(teacher_logits, Tensor) and teacher_logits.dim() == 2 and teacher_logits.shape[0] == n:
+        widths["teacher_logits"] = teacher_logits.shape[1]
+    if isinstance(teacher_weight, Tensor) and teacher_weight.dim() == 2:
+        widths["teacher_weight"] = teacher_weight.shape[0]
+        if isinstance(teacher_bias, Tensor) and teacher_bias.shape != (teacher_weight.shape[0],):
+            raise ValueError(f"teacher_bias must have teacher_weight's {teacher_weight.shape[0]} classes, "
+                             f"got shape {_shape(teacher_bias)}")
+    vocabulary = common_vocabulary(vocab_size, widths)
+    if vocab_size is None:
+        return weight, bias, teacher_logits, teacher_weight, teacher_bias
+    return (first_rows(weight, vocabulary), first_rows(bias, vocabulary), first_columns(teacher_logits, vocabulary),
+            first_rows(teacher_weight, vocabulary), first_rows(teacher_bias, vocabulary))
+
+
 def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indices: Tensor,
                    target: Optional[Tensor] = None, *, temperature: float = 1.0, alpha: float = 0.5,
                    ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
-                   backend: str = "auto") -> Tensor:
+                   backend: str = "auto", vocab_size: Optional[int] = None) -> Tensor:
     """`kd_loss` against a teacher given by its top-k logits: values (N, k) at indices (N, k) int64, the teacher's
     distribution softmax(values / T) on those k classes and 0 elsewhere; the student's log-softmax is over all its
-    classes. Repeated or out-of-range indices are a ValueError in eager calls and a NaN loss under compile."""
+    classes. Repeated or out-of-range indices are a ValueError in eager calls and a NaN loss under compile.
+    vocab_size=V reads the student over its first V columns only (a view, no copy): indices and target must be < V,
+    and the gradient keeps the student's full width, 0 past V."""
     if not isinstance(student_logits, Tensor) or student_logits.dim() != 2 or min(student_logits.shape) < 1:
         raise ValueError(f"student_logits must be a 2-D (N, C) tensor with N, C >= 1, got {_shape(student_logits)}")
     if student_logits.dtype not in DTYPES:
         raise ValueError(f"student_logits must be float32, bfloat16, float16 or float64, got {student_logits.dtype}")
+    common_vocabulary(vocab_size, {"student_logits": student_logits.shape[1]})
+    student_logits = first_columns(student_logits, vocab_size)
     n, vocabulary = student_logits.shape
     values, indices = teacher_values, teacher_indices
     _validate_topk(values, indices, n, vocabulary, student_logits.device,
@@ -477,10 +510,13 @@ class KDLinearLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
                  reduction: str = "mean", chunk_size: Optional[int] = None, backend: str = "auto",
-                 divergence: str = "forward_kl", jsd_beta: float = 0.5, softcap: Optional[float] = None):
+                 divergence: str = "forward_kl", jsd_beta: float = 0.5, softcap: Optional[float] = None,
+                 vocab_size: Optional[int] = None):
         super().__init__()
         check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
         _validate_chunk_size(chunk_size)
+        common_vocabulary(vocab_size, {})
+        self.vocab_size = vocab_size
         self.temperature, self.alpha, self.ignore_index = float(temperature), float(alpha), int(ignore_index)
         self.reduction, self.chunk_size, self.backend = reduction, chunk_size, backend
         self.divergence, self.jsd_beta, self.softcap = divergence, float(jsd_beta), softcap
@@ -490,9 +526,11 @@ class KDLinearLoss(nn.Module):
         return kd_loss_linear(student_hidden, student_weight, target, **teacher_and_bias,
                               temperature=self.temperature, alpha=self.alpha, ignore_index=self.ignore_index,
                               reduction=self.reduction, chunk_size=self.chunk_size, backend=self.backend,
-                              divergence=self.divergence, jsd_beta=self.jsd_beta, softcap=self.softcap)
+                              divergence=self.divergence, jsd_beta=self.jsd_beta, softcap=self.softcap,
+                              vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, ignore_index={self.ignore_index}, "
                 f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, backend={self.backend!r}, "
-                f"divergence={self.divergence!r}, jsd_beta={self.jsd_beta}, softcap={self.softcap}")
+                f"divergence={self.divergence!r}, jsd_beta={self.jsd_beta}, softcap={self.softcap}, "
+                f"vocab_size={self.vocab_size}")

@@ -327,3 +327,40 @@ def check_backend_for_device(s: Tensor, backend: str) -> None:
     if (backend == "triton" or s.is_cuda) and not TRITON_INSTALLED:
         raise ValueError(f"backend={backend!r} on {s.device.type} tensors runs Triton kernels, and Triton is not "
                          "installed (pip install triton); backend='torch' runs without it")
+
+
+def common_vocabulary(vocab_size, widths: dict) -> Optional[int]:
+    """The V every tensor is read over: vocab_size (checked against every width), or the one width they share.
+    widths: name -> that tensor's vocabulary width. Different widths without vocab_size, or a vocab_size above a
+    width, are one ValueError naming both; None when widths is empty (the shape checks report what is missing)."""
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size < 1):
+        raise ValueError(f"vocab_size must be None or an int >= 1, got {vocab_size!r}")
+    if not widths:
+        return vocab_size
+    if vocab_size is None:
+        (first, width), *others = widths.items()
+        for name, other in others:
+            if other != width:
+                raise ValueError(f"{first} has {width} classes and {name} has {other}: pass vocab_size=V to read "
+                                 f"both over their first V classes (a tokenizer padded to another multiple)")
+        return width
+    for name, width in widths.items():
+        if vocab_size > width:
+            raise ValueError(f"vocab_size={vocab_size} is larger than {name}'s {width} classes")
+    return vocab_size
+
+
+def first_columns(x, vocabulary: Optional[int]):
+    """x[:, :V] for a 2-D tensor: a view (same storage, row stride unchanged), never a copy; anything else as is,
+    for the shape checks to report."""
+    if vocabulary is None or not isinstance(x, Tensor) or x.dim() != 2:
+        return x
+    return x[:, :vocabulary]
+
+
+def first_rows(x, vocabulary: Optional[int]):
+    """x[:V] (a weight's or a bias's first V classes): a view; anything else as is."""
+    if vocabulary is None or not isinstance(x, Tensor) or x.dim() < 1:
+        return x
+    return x[:vocabulary]
