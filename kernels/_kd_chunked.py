@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ._kd_common import (DTYPES, OPTIONS_SCHEMA, KDOptions, check_backend_for_device, check_options, common_vocabulary,
                          first_columns, first_rows, kd_loss_reference, reduce_rows, reduction_scale, result_dtype,
                          scaled, validate_target)
+from . import _kd_bucketed as _bucketed
 from ._kd_ops import CHUNK_KERNELS
 
 __all__ = ["kd_loss_linear", "kd_loss_sparse", "KDLinearLoss", "auto_chunk_size"]
@@ -455,12 +456,23 @@ def _first_vocabulary(vocab_size, n, weight, bias, teacher_logits, teacher_weigh
 def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indices: Tensor,
                    target: Optional[Tensor] = None, *, temperature: float = 1.0, alpha: float = 0.5,
                    ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
-                   backend: str = "auto", vocab_size: Optional[int] = None) -> Tensor:
+                   backend: str = "auto", vocab_size: Optional[int] = None, teacher_format: str = "logits",
+                   divergence: str = "forward_kl", jsd_beta: float = 0.5) -> Tensor:
     """`kd_loss` against a teacher given by its top-k logits: values (N, k) at indices (N, k) int64, the teacher's
     distribution softmax(values / T) on those k classes and 0 elsewhere; the student's log-softmax is over all its
     classes. Repeated or out-of-range indices are a ValueError in eager calls and a NaN loss under compile.
     vocab_size=V reads the student over its first V columns only (a view, no copy): indices and target must be < V,
-    and the gradient keeps the student's full width, 0 past V."""
+    and the gradient keeps the student's full width, 0 past V.
+
+    teacher_format="logprobs": the values are stored log-probabilities of the teacher at T = 1 (an offline top-k
+    store, total below 1). The teacher is then the k classes at their probabilities plus one tail bucket holding
+    the rest of its mass, compared with the student's probabilities of the same k classes and its mass outside them
+    (exact for that bucketed distribution: the store knows nothing finer). Only temperature=1: the tempered tail
+    mass Σ_{j∉K} q_j^(1/T) depends on the unstored q_j. A log-probability > 0 or a total above 1 (beyond rounding)
+    is a ValueError; -inf (a class with no mass) is allowed. divergence and jsd_beta as in `kd_loss`, on the
+    bucketed distributions (with "logits", the k classes and an empty tail; "reverse_kl" is then refused, being
+    infinite wherever the student has mass outside K). The bucketed forms run in plain torch, chunk by chunk, with
+    backend "auto" or "torch"; forward KL on "logits" is the fused kernel's dense loss, which it equals."""
     if not isinstance(student_logits, Tensor) or student_logits.dim() != 2 or min(student_logits.shape) < 1:
         raise ValueError(f"student_logits must be a 2-D (N, C) tensor with N, C >= 1, got {_shape(student_logits)}")
     if student_logits.dtype not in DTYPES:
@@ -471,11 +483,15 @@ def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indic
     values, indices = teacher_values, teacher_indices
     _validate_topk(values, indices, n, vocabulary, student_logits.device,
                    ("teacher_values", "teacher_indices", "student_logits"))
-    options = check_options(temperature, alpha, ignore_index, reduction, backend)
+    options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta)
+    bucketed = _bucketed.check_format(teacher_format, options, backend)
     validate_target(target, n, vocabulary, student_logits.device, "student_logits", True, ignore_index)
     _validate_chunk_size(chunk_size)
     _check_topk_values(indices, target, ignore_index, vocabulary, "teacher_indices")
     target = _as_int64(target)
+    if bucketed:
+        return _bucketed.sparse_loss(student_logits, values, indices, target, teacher_format, options, reduction,
+                                     chunk_size or auto_chunk_size(n, vocabulary, torch.float32, student_logits.device))
     if backend == "torch":
         dense = _dense_from_topk(values, indices, vocabulary, student_logits.dtype)
         return kd_loss_reference(student_logits, dense, target, **options.fields(), reduction=reduction)
