@@ -180,3 +180,25 @@ def test_rounding_above_one_and_zero_mass_classes_are_accepted():
     indices = torch.tensor([[0, 1], [2, 3]])
     loss = kd_loss_sparse(s, values, indices, teacher_format="logprobs")
     assert math.isfinite(loss.item())
+
+
+def test_compiles_fullgraph_and_bad_rows_are_nan_there():
+    """Under torch.compile the eager value check (a host read) is skipped: a bad row's loss is NaN, never wrong."""
+    s = torch.randn(3, 12, requires_grad=True)
+    values, indices = stored_topk(torch.randn(3, 12), 4)
+    values = values.float()
+    call = lambda x, v: kd_loss_sparse(x, v, indices, reduction="none", teacher_format="logprobs",  # noqa: E731
+                                       divergence="jsd")
+    compiled = torch.compile(call, fullgraph=True)
+    got = compiled(s, values)
+    got.sum().backward()
+    grad = s.grad.clone()
+    s.grad = None
+    want = call(s, values)
+    want.sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, s.grad)
+    bad = values.clone()
+    bad[1, 0] = 0.5
+    rows = compiled(s.detach(), bad)
+    assert rows[1].isnan() and rows[[0, 2]].isfinite().all()

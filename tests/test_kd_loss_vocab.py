@@ -193,3 +193,15 @@ def test_bad_vocabularies_are_one_value_error_naming_both(case):
     pattern, call = _bad_calls()[case]
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+def test_compiles_fullgraph_with_vocab_size():
+    s, t, y = padded_case(4, 30, 33, 40, torch.float32)
+    s.requires_grad_()
+    loss = torch.compile(lambda a, b: kd_loss(a, b, y, temperature=T, alpha=ALPHA, vocab_size=30),
+                         fullgraph=True)(s, t)
+    loss.backward()
+    want, want_grad = reference_loss_and_grad(s[:, :30], t[:, :30], y)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    assert torch.all(s.grad[:, 30:] == 0)
+    torch.testing.assert_close(s.grad[:, :30].double(), want_grad, rtol=4e-6, atol=1e-6)
