@@ -118,7 +118,8 @@ def bucketed_chunk(s: Tensor, indices: Tensor, log_q: Tensor, log_q_tail: Tensor
     grad.scatter_add_(1, indices, h[:, :-1])
     grad = alpha * temperature * grad
     if target is not None:
-        grad = grad + (1 - alpha) * (log_p1.exp() - F.one_hot(safe, s.shape[1]).to(compute))
+        grad = grad + (1 - alpha) * log_p1.exp()
+        grad.scatter_add_(1, safe[:, None], torch.full_like(grad[:, :1], alpha - 1))  # − onehot(y), no (chunk, V) copy
         grad = torch.where(keep[:, None], grad, 0.0)
     return rows, grad.to(s.dtype)
 

@@ -202,3 +202,12 @@ def test_compiles_fullgraph_and_bad_rows_are_nan_there():
     bad[1, 0] = 0.5
     rows = compiled(s.detach(), bad)
     assert rows[1].isnan() and rows[[0, 2]].isfinite().all()
+
+
+def test_bad_log_probabilities_in_an_ignored_row_are_not_an_error():
+    s = torch.randn(2, 6, requires_grad=True)
+    values = torch.log(torch.tensor([[0.5, 0.2], [0.9, 0.9]]))  # row 1: padding, total 1.8
+    loss = kd_loss_sparse(s, values, torch.tensor([[0, 1], [2, 3]]), torch.tensor([4, IGNORE]),
+                          teacher_format="logprobs")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.all(s.grad[1] == 0)
