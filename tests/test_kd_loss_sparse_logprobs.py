@@ -211,3 +211,16 @@ def test_bad_log_probabilities_in_an_ignored_row_are_not_an_error():
                           teacher_format="logprobs")
     loss.backward()
     assert torch.isfinite(loss) and torch.all(s.grad[1] == 0)
+
+
+def test_the_bucketed_path_works_chunk_by_chunk(monkeypatch):
+    """Its (rows, V) float32 buffers are per chunk: no chunk holds more than chunk_size rows."""
+    from fastkd.kernels import _kd_bucketed
+
+    seen, original = [], _kd_bucketed.bucketed_chunk
+    monkeypatch.setattr(_kd_bucketed, "bucketed_chunk", lambda s, *a, **k: seen.append(s.shape[0]) or original(
+        s, *a, **k))
+    s = torch.randn(7, 15, requires_grad=True)
+    values, indices = stored_topk(torch.randn(7, 15), 3)
+    kd_loss_sparse(s, values, indices, teacher_format="logprobs", chunk_size=3).backward()
+    assert seen == [3, 3, 1]
