@@ -94,3 +94,39 @@ def test_kd_loss_forward_backward(benchmark, shape, provider):
 
 def _device_name():
     return torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores, torch {torch.__version__})"
+
+
+# Issue #30: each divergence against forward KL on the same kernel, and torch.compile of the same formula (the
+# reference, whose JSD goes through a logaddexp of the two log-softmaxes). The CPU bar: at most 1.5× forward KL's
+# time at 1024 × 1000 and 256 × 32000.
+DIVERGENCE_SHAPES = [shape for shape in SHAPES if shape[0] * shape[1] >= 1024 * 1000]
+DIVERGENCES = {"forward_kl": dict(divergence="forward_kl"), "reverse_kl": dict(divergence="reverse_kl"),
+               "jsd": dict(divergence="jsd", jsd_beta=0.5)}
+_compiled_divergence = torch.compile(kd_loss_reference)
+DIVERGENCE_PROVIDERS = {
+    "fastkd": lambda s, t, y, kw: kd_loss(s, t, y, temperature=T, alpha=ALPHA, **kw),
+    "torch_compile": lambda s, t, y, kw: _compiled_divergence(s, t, y, temperature=T, alpha=ALPHA, **kw),
+}
+
+
+@pytest.mark.parametrize("provider", list(DIVERGENCE_PROVIDERS))
+@pytest.mark.parametrize("divergence", list(DIVERGENCES))
+@pytest.mark.parametrize("shape", DIVERGENCE_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{str(s[2]).split('.')[-1]}")
+def test_kd_loss_divergence_forward_backward(benchmark, shape, divergence, provider):
+    n, c, dtype = shape
+    torch.manual_seed(0)
+    s = (torch.randn(n, c, device=DEVICE) * 3).to(dtype).requires_grad_()
+    t = (torch.randn(n, c, device=DEVICE) * 3).to(dtype)
+    y = torch.randint(0, c, (n,), device=DEVICE)
+    fn, kw = DIVERGENCE_PROVIDERS[provider], DIVERGENCES[divergence]
+
+    def step():
+        s.grad = None
+        fn(s, t, y, kw).backward()
+        _sync()
+
+    step()  # warm-up: compiles, autotunes
+    benchmark.extra_info.update(useful_bytes=3 * n * c * s.element_size(), device=_device_name(), shape=f"{n}x{c}",
+                                dtype=str(dtype).split(".")[-1], provider=f"{provider}:{divergence}")
+    rounds = max(3, min(50, int(2e8 // (n * c))))
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=1)

@@ -22,8 +22,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ._kd_common import (DTYPES, OPTIONS_SCHEMA, KDOptions, check_backend_for_device, check_options, kd_loss_reference,
-                         reduce_rows, reduction_scale, result_dtype, scaled, validate_target)
+from ._kd_common import (DTYPES, OPTIONS_SCHEMA, KDOptions, check_backend_for_device, check_options, common_vocabulary,
+                         first_columns, first_rows, kd_loss_reference, reduce_rows, reduction_scale, result_dtype,
+                         scaled, validate_target)
+from . import _kd_bucketed as _bucketed
 from ._kd_ops import CHUNK_KERNELS
 
 __all__ = ["kd_loss_linear", "kd_loss_sparse", "KDLinearLoss", "auto_chunk_size"]
@@ -357,9 +359,12 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
                    teacher_hidden: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None,
                    teacher_bias: Optional[Tensor] = None, teacher_topk: Optional[tuple[Tensor, Tensor]] = None,
                    temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
-                   chunk_size: Optional[int] = None, backend: str = "auto") -> Tensor:
+                   chunk_size: Optional[int] = None, backend: str = "auto", divergence: str = "forward_kl",
+                   jsd_beta: float = 0.5, softcap: Optional[float] = None,
+                   vocab_size: Optional[int] = None) -> Tensor:
     """`kd_loss(student_hidden @ student_weight.T + student_bias, teacher_logits, target, ...)` without the (N, V)
-    logits: rows in chunks of `chunk_size` (None: `auto_chunk_size`), extra memory O(chunk · V).
+    logits: rows in chunks of `chunk_size` (None: `auto_chunk_size`), extra memory O(chunk · V). divergence,
+    jsd_beta and softcap as in `kd_loss` (the cap applies to the student's and the teacher's logits).
 
     The teacher is exactly one of: `teacher_logits` (N, V); `teacher_hidden` (N, Ht) with `teacher_weight` (V, Ht)
     and optionally `teacher_bias` (V,); `teacher_topk` = (values (N, k), indices (N, k) int64), the distribution
@@ -367,6 +372,11 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
     student_bias only. backend: as `kd_loss`'s ("auto", "native", "triton"), or "torch" (the materialised
     plain-torch reference, for comparison). No host sync under torch.compile; eager calls check target
     and top-k index values (a host read), as `kd_loss` does.
+
+    vocab_size=V reads the student's weight and bias, and the teacher's logits, weight and bias, over their first V
+    classes only (views, no copy; top-k indices must be < V): a teacher whose vocabulary is padded to another
+    multiple, or has extra tokens. The gradients of student_weight and student_bias keep their full V_s rows, 0 past
+    V. Without it, a teacher width other than the student's is a ValueError naming both.
     """
     _check_matrix(student_hidden, "student_hidden", (None, None), getattr(student_hidden, "dtype", None),
                   getattr(student_hidden, "device", None))
@@ -378,6 +388,9 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
     vocabulary = student_weight.shape[0]
     if student_bias is not None:
         _check_matrix(student_bias, "student_bias", (vocabulary,), dtype, device)
+    student_weight, student_bias, teacher_logits, teacher_weight, teacher_bias = _first_vocabulary(
+        vocab_size, n, student_weight, student_bias, teacher_logits, teacher_weight, teacher_bias)
+    vocabulary = student_weight.shape[0]
     given = [name for name, x in (("teacher_logits", teacher_logits), ("teacher_hidden", teacher_hidden),
                                   ("teacher_topk", teacher_topk)) if x is not None]
     if len(given) != 1:
@@ -401,7 +414,7 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
         values, indices = teacher_topk
         _validate_topk(values, indices, n, vocabulary, device,
                        ("teacher_topk values", "teacher_topk indices", "student_hidden"))
-    options = check_options(temperature, alpha, ignore_index, reduction, backend)
+    options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
     validate_target(target, n, vocabulary, device, "student_hidden", True, ignore_index)
     _validate_chunk_size(chunk_size)
     if indices is not None:
@@ -421,26 +434,64 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
                            grad_weight=wants[1], grad_bias=wants[2], backend=backend)[0]
 
 
+def _first_vocabulary(vocab_size, n, weight, bias, teacher_logits, teacher_weight, teacher_bias) -> tuple:
+    """The student's weight and bias and the teacher's logits, weight and bias over their common vocabulary:
+    views of their first V classes (vocab_size), or as given. Malformed teacher tensors pass through unchanged,
+    for kd_loss_linear's shape checks to name."""
+    widths = {"student_weight": weight.shape[0]}
+    if isinstance(teacher_logits, Tensor) and teacher_logits.dim() == 2 and teacher_logits.shape[0] == n:
+        widths["teacher_logits"] = teacher_logits.shape[1]
+    if isinstance(teacher_weight, Tensor) and teacher_weight.dim() == 2:
+        widths["teacher_weight"] = teacher_weight.shape[0]
+        if isinstance(teacher_bias, Tensor) and teacher_bias.shape != (teacher_weight.shape[0],):
+            raise ValueError(f"teacher_bias must have teacher_weight's {teacher_weight.shape[0]} classes, "
+                             f"got shape {_shape(teacher_bias)}")
+    vocabulary = common_vocabulary(vocab_size, widths)
+    if vocab_size is None:
+        return weight, bias, teacher_logits, teacher_weight, teacher_bias
+    return (first_rows(weight, vocabulary), first_rows(bias, vocabulary), first_columns(teacher_logits, vocabulary),
+            first_rows(teacher_weight, vocabulary), first_rows(teacher_bias, vocabulary))
+
+
 def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indices: Tensor,
                    target: Optional[Tensor] = None, *, temperature: float = 1.0, alpha: float = 0.5,
                    ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
-                   backend: str = "auto") -> Tensor:
+                   backend: str = "auto", vocab_size: Optional[int] = None, teacher_format: str = "logits",
+                   divergence: str = "forward_kl", jsd_beta: float = 0.5) -> Tensor:
     """`kd_loss` against a teacher given by its top-k logits: values (N, k) at indices (N, k) int64, the teacher's
     distribution softmax(values / T) on those k classes and 0 elsewhere; the student's log-softmax is over all its
-    classes. Repeated or out-of-range indices are a ValueError in eager calls and a NaN loss under compile."""
+    classes. Repeated or out-of-range indices are a ValueError in eager calls and a NaN loss under compile.
+    vocab_size=V reads the student over its first V columns only (a view, no copy): indices and target must be < V,
+    and the gradient keeps the student's full width, 0 past V.
+
+    teacher_format="logprobs": the values are stored log-probabilities of the teacher at T = 1 (an offline top-k
+    store, total below 1). The teacher is then the k classes at their probabilities plus one tail bucket holding
+    the rest of its mass, compared with the student's probabilities of the same k classes and its mass outside them
+    (exact for that bucketed distribution: the store knows nothing finer). Only temperature=1: the tempered tail
+    mass Σ_{j∉K} q_j^(1/T) depends on the unstored q_j. A log-probability > 0 or a total above 1 (beyond rounding)
+    is a ValueError; -inf (a class with no mass) is allowed. divergence and jsd_beta as in `kd_loss`, on the
+    bucketed distributions (with "logits", the k classes and an empty tail; "reverse_kl" is then refused, being
+    infinite wherever the student has mass outside K). The bucketed forms run in plain torch, chunk by chunk, with
+    backend "auto" or "torch"; forward KL on "logits" is the fused kernel's dense loss, which it equals."""
     if not isinstance(student_logits, Tensor) or student_logits.dim() != 2 or min(student_logits.shape) < 1:
         raise ValueError(f"student_logits must be a 2-D (N, C) tensor with N, C >= 1, got {_shape(student_logits)}")
     if student_logits.dtype not in DTYPES:
         raise ValueError(f"student_logits must be float32, bfloat16, float16 or float64, got {student_logits.dtype}")
+    common_vocabulary(vocab_size, {"student_logits": student_logits.shape[1]})
+    student_logits = first_columns(student_logits, vocab_size)
     n, vocabulary = student_logits.shape
     values, indices = teacher_values, teacher_indices
     _validate_topk(values, indices, n, vocabulary, student_logits.device,
                    ("teacher_values", "teacher_indices", "student_logits"))
-    options = check_options(temperature, alpha, ignore_index, reduction, backend)
+    options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta)
+    bucketed = _bucketed.check_format(teacher_format, options, backend)
     validate_target(target, n, vocabulary, student_logits.device, "student_logits", True, ignore_index)
     _validate_chunk_size(chunk_size)
     _check_topk_values(indices, target, ignore_index, vocabulary, "teacher_indices")
     target = _as_int64(target)
+    if bucketed:
+        return _bucketed.sparse_loss(student_logits, values, indices, target, teacher_format, options, reduction,
+                                     chunk_size or auto_chunk_size(n, vocabulary, torch.float32, student_logits.device))
     if backend == "torch":
         dense = _dense_from_topk(values, indices, vocabulary, student_logits.dtype)
         return kd_loss_reference(student_logits, dense, target, **options.fields(), reduction=reduction)
@@ -474,19 +525,28 @@ class KDLinearLoss(nn.Module):
     """Module form of `kd_loss_linear`: forward(student_hidden, student_weight, target=None, **teacher and bias)."""
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
-                 reduction: str = "mean", chunk_size: Optional[int] = None, backend: str = "auto"):
+                 reduction: str = "mean", chunk_size: Optional[int] = None, backend: str = "auto",
+                 divergence: str = "forward_kl", jsd_beta: float = 0.5, softcap: Optional[float] = None,
+                 vocab_size: Optional[int] = None):
         super().__init__()
-        check_options(temperature, alpha, ignore_index, reduction, backend)
+        check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
         _validate_chunk_size(chunk_size)
+        common_vocabulary(vocab_size, {})
+        self.vocab_size = vocab_size
         self.temperature, self.alpha, self.ignore_index = float(temperature), float(alpha), int(ignore_index)
         self.reduction, self.chunk_size, self.backend = reduction, chunk_size, backend
+        self.divergence, self.jsd_beta, self.softcap = divergence, float(jsd_beta), softcap
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, target: Optional[Tensor] = None,
                 **teacher_and_bias) -> Tensor:
         return kd_loss_linear(student_hidden, student_weight, target, **teacher_and_bias,
                               temperature=self.temperature, alpha=self.alpha, ignore_index=self.ignore_index,
-                              reduction=self.reduction, chunk_size=self.chunk_size, backend=self.backend)
+                              reduction=self.reduction, chunk_size=self.chunk_size, backend=self.backend,
+                              divergence=self.divergence, jsd_beta=self.jsd_beta, softcap=self.softcap,
+                              vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, backend={self.backend!r}, "
+                f"divergence={self.divergence!r}, jsd_beta={self.jsd_beta}, softcap={self.softcap}, "
+                f"vocab_size={self.vocab_size}")

@@ -25,7 +25,17 @@ LOSS_ONLY = "loss_only"  # nothing: no gradient is needed
 STATS = "stats"  # per-row log-sum-exps for the Triton backward kernel (the generic autograd path)
 GRAD = "grad"  # the gradient of the reduced loss (of each row for "none"), times the incoming gradient in the backward
 FUSED = "fused"  # the gradient already scaled by the reduction, returned as it is by the backward (fused_backward)
-STATS_PER_ROW = 3  # lse(s/T), lse(t/T), lse(s): the Triton backward kernel's inputs
+STATS_PER_ROW = 3  # lse(s/T), lse(t/T), lse(s): the Triton backward kernel's inputs (forward KL)
+# With p = softmax(s/T), q = softmax(t/T): KL(q ‖ p), KL(p ‖ q), and β·KL(q ‖ m) + (1 − β)·KL(p ‖ m) with
+# m = β·q + (1 − β)·p, β = jsd_beta; β = 0 is forward KL and β = 1 reverse KL (the convention TRL and Liger share:
+# the formula itself is 0 at both ends). The order is the kernels' DIVERGENCE code.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def stats_per_row(divergence: str) -> int:
+    """The Triton backward's statistics a row: reverse KL adds E_p[(s − t)/T], JSD that (or KL(p ‖ m)) and the gap
+    lse(t/T) − lse(s/T)."""
+    return STATS_PER_ROW + DIVERGENCES.index(divergence)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +45,9 @@ class KDOptions:
     temperature: float
     alpha: float
     ignore_index: int
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    softcap: float = 0.0  # c of c·tanh(z/c) on both logits before the temperature; 0: off (None in the API)
 
     def fields(self) -> dict:
         # Not dataclasses.asdict: torch 2.11's Dynamo cannot trace it (its deep copy), and kd_loss calls this while
@@ -44,7 +57,18 @@ class KDOptions:
 
 _OPTION_NAMES = tuple(field.name for field in dataclasses.fields(KDOptions))
 _SCHEMA_TYPES = {float: "float", int: "int", bool: "bool", str: "str"}
-OPTIONS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(KDOptions))
+
+
+def _schema_field(field) -> str:
+    # A field with a default (the options added after the first three) keeps it in the schema, so that a call
+    # naming only the first three still runs forward KL without a soft cap.
+    text = f"{_SCHEMA_TYPES[field.type]} {field.name}"
+    if field.default is dataclasses.MISSING:
+        return text
+    return text + (f'="{field.default}"' if isinstance(field.default, str) else f"={field.default!r}")
+
+
+OPTIONS_SCHEMA = ", ".join(_schema_field(f) for f in dataclasses.fields(KDOptions))
 
 
 def result_dtype(s: Tensor) -> torch.dtype:
@@ -53,7 +77,7 @@ def result_dtype(s: Tensor) -> torch.dtype:
 
 
 def kernel_scalars(options: KDOptions) -> tuple[float, float, float, float]:
-    """1/T, the KL's loss and gradient weights, and the cross-entropy weight."""
+    """1/T, the divergence's loss and gradient weights, and the cross-entropy weight."""
     temperature, alpha = options.temperature, options.alpha
     return 1.0 / temperature, alpha * temperature * temperature, alpha * temperature, 1.0 - alpha
 
@@ -95,16 +119,70 @@ def scaled(grad: Tensor, grad_loss: Tensor) -> Tensor:
 # The plain reference (autograd through log_softmax / cross_entropy).
 # --------------------------------------------------------------------------------------------------------------------
 
+def soft_capped(x: Tensor, softcap: Optional[float]) -> Tensor:
+    """c·tanh(x / c), or x where softcap is None or 0 (off)."""
+    return softcap * torch.tanh(x / softcap) if softcap else x
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Per-row KL(a ‖ b) from log-probabilities, 0 where a is 0 (also in the gradient); NaN stays NaN."""
+    a = log_a.exp()
+    present = a != 0
+    terms = a * (torch.where(present, log_a, 0.0) - torch.where(present, log_b, 0.0))
+    return torch.where(present, terms, 0.0).sum(1)
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """log(β·q + (1 − β)·p); where both are 0 (masked), 0 rather than logaddexp(-inf, -inf), whose gradient is NaN."""
+    both_zero = (log_p == -math.inf) & (log_q == -math.inf)
+    return torch.logaddexp(torch.where(both_zero, 0.0, log_q + math.log(beta)),
+                           torch.where(both_zero, 0.0, log_p + math.log1p(-beta)))
+
+
+def _effective(divergence: str, beta: float) -> str:
+    # JSD's ends are forward and reverse KL by convention (the formula degenerates there).
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return divergence
+
+
+def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: str = "forward_kl",
+                    jsd_beta: float = 0.5) -> Tensor:
+    """Per-row divergence between the temperature softmaxes of (already soft-capped) s and t, in their dtype."""
+    log_p = F.log_softmax(s / temperature, dim=1)
+    log_q = F.log_softmax(t / temperature, dim=1)
+    divergence = _effective(divergence, jsd_beta)
+    if divergence == "forward_kl":
+        return _kl(log_q, log_p)
+    if divergence == "reverse_kl":
+        return _kl(log_p, log_q)
+    log_m = _log_mixture(log_p, log_q, jsd_beta)
+    return jsd_beta * _kl(log_q, log_m) + (1 - jsd_beta) * _kl(log_p, log_m)
+
+
+def divergence_grad(s: Tensor, t: Tensor, temperature: float, divergence: str, jsd_beta: float) -> Tensor:
+    """∂D/∂(s/T) of divergence_rows in closed form (p = softmax(s/T), q = softmax(t/T)): p − q; reverse KL
+    p·(log(p/q) − KL(p ‖ q)); JSD (1 − β)·p·(log(p/m) − KL(p ‖ m)). 0 where p is 0."""
+    log_p = F.log_softmax(s / temperature, dim=1)
+    log_q = F.log_softmax(t / temperature, dim=1)
+    p = log_p.exp()
+    divergence = _effective(divergence, jsd_beta)
+    if divergence == "forward_kl":
+        return p - log_q.exp()
+    log_other = log_q if divergence == "reverse_kl" else _log_mixture(log_p, log_q, jsd_beta)
+    log_ratio = torch.where(p != 0, log_p - log_other, 0.0)
+    kl = torch.where(p != 0, p * log_ratio, 0.0).sum(1, keepdim=True)
+    weight = 1.0 if divergence == "reverse_kl" else 1 - jsd_beta
+    return weight * torch.where(p != 0, p * (log_ratio - kl), 0.0)
+
+
 def reference_rows(s: Tensor, t: Tensor, target: Optional[Tensor], options: KDOptions) -> Tensor:
     temperature, alpha, ignore_index = options.temperature, options.alpha, options.ignore_index
     compute = result_dtype(s)
-    s32, t32 = s.to(compute), t.detach().to(compute)
-    log_p_s = F.log_softmax(s32 / temperature, dim=1)
-    log_p_t = F.log_softmax(t32 / temperature, dim=1)
-    p_t = log_p_t.exp()
-    # 0·log 0 = 0 on masked (-inf) teacher classes; a NaN logit is not masked and reaches the loss.
-    kl = torch.where(t32 == -math.inf, 0.0, p_t * (log_p_t - log_p_s)).sum(1)
-    rows = alpha * temperature**2 * kl
+    s32 = soft_capped(s.to(compute), options.softcap)
+    t32 = soft_capped(t.detach().to(compute), options.softcap)
+    # 0·log 0 = 0 on masked (-inf) classes; a NaN logit is not masked and reaches the loss.
+    rows = alpha * temperature**2 * divergence_rows(s32, t32, temperature, options.divergence, options.jsd_beta)
     if target is not None:
         keep = target != ignore_index
         ce = F.cross_entropy(s32, target, ignore_index=ignore_index, reduction="none")
@@ -113,23 +191,29 @@ def reference_rows(s: Tensor, t: Tensor, target: Optional[Tensor], options: KDOp
 
 
 def reference_grad(s: Tensor, t: Tensor, target: Optional[Tensor], options: KDOptions) -> Tensor:
-    """∂ℓᵢ/∂sᵢ of reference_rows in closed form, α·T·(softmax(s/T) − softmax(t/T)) + (1−α)·(softmax(s) − onehot(y)),
-    in float32 (float64 for float64): autograd cannot run inside an op's kernel, where the fallback needs it."""
+    """∂ℓᵢ/∂sᵢ of reference_rows in closed form, α·T·∂D/∂(s/T) + (1−α)·(softmax(s) − onehot(y)), times the soft
+    cap's slope 1 − tanh²(s/c), in float32 (float64 for float64): autograd cannot run inside an op's kernel, where
+    the fallback needs it."""
     temperature, alpha, ignore_index = options.temperature, options.alpha, options.ignore_index
     compute = result_dtype(s)
-    s32, t32 = s.detach().to(compute), t.detach().to(compute)
-    grad = alpha * temperature * (torch.softmax(s32 / temperature, dim=1) - torch.softmax(t32 / temperature, dim=1))
+    s_raw = s.detach().to(compute)
+    s32, t32 = soft_capped(s_raw, options.softcap), soft_capped(t.detach().to(compute), options.softcap)
+    grad = alpha * temperature * divergence_grad(s32, t32, temperature, options.divergence, options.jsd_beta)
     if target is not None:
         keep = target != ignore_index
         onehot = F.one_hot(torch.where(keep, target, 0), s.shape[1]).to(compute)
         grad = torch.where(keep[:, None], grad + (1 - alpha) * (torch.softmax(s32, dim=1) - onehot), 0.0)
+    if options.softcap:
+        grad = grad * (1 - torch.tanh(s_raw / options.softcap) ** 2)
     return grad
 
 
 def kd_loss_reference(student_logits, teacher_logits, target=None, *, temperature=1.0, alpha=0.5,
-                      ignore_index=-100, reduction="mean"):
-    """The plain torch reference with autograd: same contract as `kd_loss`, no validation of target values."""
-    options = KDOptions(float(temperature), float(alpha), int(ignore_index))
+                      ignore_index=-100, reduction="mean", divergence="forward_kl", jsd_beta=0.5, softcap=None):
+    """The plain torch reference with autograd: same contract as `kd_loss`, no validation of target values
+    (softcap None or 0: off)."""
+    options = KDOptions(float(temperature), float(alpha), int(ignore_index), divergence, float(jsd_beta),
+                        float(softcap or 0.0))
     rows = reference_rows(student_logits, teacher_logits, target, options)
     return reduce_rows(rows, target, options.ignore_index, reduction)
 
@@ -166,10 +250,23 @@ def validate_hyperparameters(temperature, alpha, reduction, backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def check_options(temperature, alpha, ignore_index, reduction, backend) -> KDOptions:
-    """The checked options, in the types the op schemas take."""
+def validate_divergence(divergence, jsd_beta, softcap) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if isinstance(jsd_beta, bool) or not isinstance(jsd_beta, (int, float)) or not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must be a number in [0, 1], got {jsd_beta!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None (off) or a finite number > 0, got {softcap!r}")
+
+
+def check_options(temperature, alpha, ignore_index, reduction, backend, divergence="forward_kl", jsd_beta=0.5,
+                  softcap=None) -> KDOptions:
+    """The checked options, in the types the op schemas take (softcap None as 0.0)."""
     validate_hyperparameters(temperature, alpha, reduction, backend)
-    return KDOptions(float(temperature), float(alpha), int(ignore_index))
+    validate_divergence(divergence, jsd_beta, softcap)
+    return KDOptions(float(temperature), float(alpha), int(ignore_index), divergence, float(jsd_beta),
+                     0.0 if softcap is None else float(softcap))
 
 
 def validate_target(target, n: int, num_classes: int, device, rows_name: str, check_values: bool,
@@ -230,3 +327,40 @@ def check_backend_for_device(s: Tensor, backend: str) -> None:
     if (backend == "triton" or s.is_cuda) and not TRITON_INSTALLED:
         raise ValueError(f"backend={backend!r} on {s.device.type} tensors runs Triton kernels, and Triton is not "
                          "installed (pip install triton); backend='torch' runs without it")
+
+
+def common_vocabulary(vocab_size, widths: dict) -> Optional[int]:
+    """The V every tensor is read over: vocab_size (checked against every width), or the one width they share.
+    widths: name -> that tensor's vocabulary width. Different widths without vocab_size, or a vocab_size above a
+    width, are one ValueError naming both; None when widths is empty (the shape checks report what is missing)."""
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size < 1):
+        raise ValueError(f"vocab_size must be None or an int >= 1, got {vocab_size!r}")
+    if not widths:
+        return vocab_size
+    if vocab_size is None:
+        (first, width), *others = widths.items()
+        for name, other in others:
+            if other != width:
+                raise ValueError(f"{first} has {width} classes and {name} has {other}: pass vocab_size=V to read "
+                                 f"both over their first V classes (a tokenizer padded to another multiple)")
+        return width
+    for name, width in widths.items():
+        if vocab_size > width:
+            raise ValueError(f"vocab_size={vocab_size} is larger than {name}'s {width} classes")
+    return vocab_size
+
+
+def first_columns(x, vocabulary: Optional[int]):
+    """x[:, :V] for a 2-D tensor: a view (same storage, row stride unchanged), never a copy; anything else as is,
+    for the shape checks to report."""
+    if vocabulary is None or not isinstance(x, Tensor) or x.dim() != 2:
+        return x
+    return x[:, :vocabulary]
+
+
+def first_rows(x, vocabulary: Optional[int]):
+    """x[:V] (a weight's or a bias's first V classes): a view; anything else as is."""
+    if vocabulary is None or not isinstance(x, Tensor) or x.dim() < 1:
+        return x
+    return x[:vocabulary]

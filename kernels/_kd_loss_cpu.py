@@ -27,10 +27,11 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("kd_loss_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off")
 DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2, "torch.float64": 3}
+DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}  # kd_loss_cpu.cpp's enum Divergence
 REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}  # kd_loss_cpu.cpp's enum Reduction
 _ARGTYPES = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
              + [ctypes.c_int64] * 2 + [ctypes.c_double] * 4 + [ctypes.c_int64, ctypes.c_int]
-             + [ctypes.c_void_p] * 3 + [ctypes.c_int])
+             + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_double] * 2)
 
 
 def cache_dir() -> Path:
@@ -194,14 +195,15 @@ def kernel():
 
 
 def run(s, t, target, inv_t, kl_loss_scale, kl_grad_scale, ce_weight, ignore_index, reduction, rows, reduced,
-        grad) -> None:
+        grad, divergence="forward_kl", jsd_beta=0.5, softcap=0.0) -> None:
     """Fill rows (N,), reduced () (unless reduction is "none") and grad (N, C) contiguous (or None) for CPU tensors
-    s, t with classes at stride 1 and target None or int64 contiguous."""
+    s, t with classes at stride 1 and target None or int64 contiguous. softcap 0 (or None): off."""
     import torch
     status = kernel()(DTYPE_CODES[str(s.dtype)], s.data_ptr(), s.stride(0), t.data_ptr(), t.stride(0),
                       None if target is None else target.data_ptr(), s.shape[0], s.shape[1], inv_t, kl_loss_scale,
                       kl_grad_scale, ce_weight, ignore_index, REDUCTION_CODES[reduction], rows.data_ptr(),
-                      reduced.data_ptr(), None if grad is None else grad.data_ptr(), torch.get_num_threads())
+                      reduced.data_ptr(), None if grad is None else grad.data_ptr(), torch.get_num_threads(),
+                      DIVERGENCE_CODES[divergence], jsd_beta, softcap or 0.0)
     if status == 1:
         raise MemoryError(f"fastkd: kd_loss on the CPU could not allocate its scratch rows ({s.shape[1]} classes)")
     if status != 0:

@@ -16,14 +16,19 @@ import torch
 from torch import Tensor
 
 from . import _kd_loss_cpu as _cpu
-from ._kd_common import (FUSED, GRAD, LOSS_ONLY, OPTIONS_SCHEMA, STATS, STATS_PER_ROW, KDOptions, kernel_scalars,
-                         reduce_rows, reduction_scale, reference_grad, reference_rows, result_dtype, scaled)
+from ._kd_common import (FUSED, GRAD, LOSS_ONLY, OPTIONS_SCHEMA, STATS, KDOptions, kernel_scalars, reduce_rows,
+                         reduction_scale, reference_grad, reference_rows, result_dtype, scaled, stats_per_row)
 
 
 def _launch():
     from . import _kd_launch  # Triton: imported on the first launch, never by a CPU-only process
 
     return _kd_launch
+
+
+def _divergence(options: KDOptions) -> dict:
+    """The divergence's options, as the launchers and the native kernel take them."""
+    return dict(divergence=options.divergence, jsd_beta=options.jsd_beta, softcap=options.softcap)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -33,11 +38,13 @@ def _launch():
 def _triton_forward(s, t, target, options: KDOptions, reduction: str, gradient: str):
     n, c = s.shape
     rows = torch.empty(n, dtype=result_dtype(s), device=s.device)
-    stats = torch.empty((n, STATS_PER_ROW) if gradient == STATS else (0,), dtype=torch.float32, device=s.device)
+    stats = torch.empty((n, stats_per_row(options.divergence)) if gradient == STATS else (0,), dtype=torch.float32,
+                        device=s.device)
     grad = torch.empty((n, c) if gradient == FUSED else (0,), dtype=s.dtype, device=s.device)
     scale = reduction_scale(s, target, options.ignore_index, reduction) if gradient == FUSED else None
     _launch().launch_kd_kernel(s, t, target, options.temperature, options.alpha, options.ignore_index, rows,
-                               grad if gradient == FUSED else None, stats if gradient == STATS else None, scale)
+                               grad if gradient == FUSED else None, stats if gradient == STATS else None, scale,
+                               **_divergence(options))
     return reduce_rows(rows, target, options.ignore_index, reduction), stats, grad
 
 
@@ -57,7 +64,7 @@ def _native_forward(s, t, target, options: KDOptions, reduction: str, gradient: 
     else:
         grad = torch.empty((n, c), dtype=s.dtype) if grad_out is None else grad_out
     _cpu.run(s, t, target, *kernel_scalars(options), options.ignore_index, reduction, rows, reduced,
-             grad if write_grad else None)
+             grad if write_grad else None, **_divergence(options))
     return rows if reduction == "none" else reduced, s.new_empty(0, dtype=torch.float32), grad
 
 
@@ -129,7 +136,9 @@ kd_loss_forward.register_kernel("cuda")(_forward_cuda)
 @kd_loss_forward.register_fake
 def _(s, t, target, *, reduction, gradient, backend, **options):
     n, c = s.shape
-    stats = s.new_empty((n, STATS_PER_ROW) if gradient == STATS else (0,), dtype=torch.float32)
+    # (KDOptions fills in the fields left at their defaults, which the dispatcher does not pass on.)
+    divergence = KDOptions(**options).divergence
+    stats = s.new_empty((n, stats_per_row(divergence)) if gradient == STATS else (0,), dtype=torch.float32)
     grad = s.new_empty((n, c) if gradient in (GRAD, FUSED) else (0,))
     return s.new_empty((n,) if reduction == "none" else (), dtype=result_dtype(s)), stats, grad
 
@@ -153,7 +162,7 @@ def recomputed_grad(s, t, target, stats, grad_rows, options: KDOptions) -> Tenso
     """grad_rows[i] · ∂ℓᵢ/∂sᵢ, recomputed by the Triton backward kernel from the saved log-sum-exps."""
     grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     _launch().launch_kd_backward(s, t, target, stats, grad_rows.to(torch.float32).contiguous(), options.temperature,
-                                 options.alpha, options.ignore_index, grad)
+                                 options.alpha, options.ignore_index, grad, **_divergence(options))
     return grad
 
 
@@ -220,7 +229,7 @@ kd_loss_forward.register_autograd(_backward, setup_context=_setup_context)
 def _triton_chunk(s, t, y, options: KDOptions, write_grad: bool, grad_out: Optional[Tensor], backend: str):
     rows = torch.empty(s.shape[0], dtype=result_dtype(s), device=s.device)
     _launch().launch_kd_kernel(s, t, y, options.temperature, options.alpha, options.ignore_index, rows,
-                               grad_out if write_grad else None)
+                               grad_out if write_grad else None, **_divergence(options))
     return rows, grad_out
 
 

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from . import _kd_ops as _ops
 from ._kd_chunked import KDLinearLoss, auto_chunk_size, kd_loss_linear, kd_loss_sparse
 from ._kd_common import (FUSED, GRAD, LOSS_ONLY, STATS, KDOptions, check_backend_for_device, check_logits,
-                         check_options, kd_loss_reference, validate_hyperparameters, validate_target)
+                         check_options, common_vocabulary, first_columns, kd_loss_reference,
+                         validate_hyperparameters, validate_target)
 
 __all__ = ["kd_loss", "KDLoss", "kd_loss_reference", "kd_loss_linear", "kd_loss_sparse", "KDLinearLoss",
            "auto_chunk_size", "validate_hyperparameters", "validate_target"]
@@ -59,8 +60,14 @@ _NO_GRADS = (None,) * 6  # for teacher_logits, target and the four settings
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
             temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
-            backend: str = "auto", check_target: bool = True, fused_backward: bool = False) -> Tensor:
+            backend: str = "auto", check_target: bool = True, fused_backward: bool = False,
+            divergence: str = "forward_kl", jsd_beta: float = 0.5, softcap: Optional[float] = None,
+            vocab_size: Optional[int] = None) -> Tensor:
     """α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y) per row, reduced; float32 result.
+
+    divergence: "forward_kl" (the KL above), "reverse_kl" (KL(p_s ‖ p_t)) or "jsd" (β·KL(p_t ‖ m) + (1−β)·KL(p_s ‖ m),
+    m = β·p_t + (1−β)·p_s with β = jsd_beta in [0, 1]; β = 0 is forward KL, β = 1 reverse KL). softcap=c replaces
+    both logits by c·tanh(z/c) before the temperature (and in the cross-entropy); None: off.
 
     The gradient flows to `student_logits` only (in its dtype). Rows whose target is `ignore_index` contribute
     nothing and are not counted by "mean". backend: "auto" (Triton on CUDA, the native CPU kernel on CPU, or plain
@@ -72,9 +79,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     returns it untouched: one pass over the logits, the least memory traffic there is. It is exact only when the
     returned loss reaches the backward with gradient 1 (`loss.backward()`, or a sum in which it has weight 1), as in
     fastkd's own training steps; scale the loss after it and the gradient is not scaled. "mean" or "sum" only.
+    vocab_size=V reads both logits over their first V columns only (a teacher or student whose tokenizer is padded
+    to another multiple), as strided views, never a copy; target must be < V. The student's gradient keeps its full
+    width, 0 in the columns past V. Without it, logits of different widths are a ValueError.
     """
+    student_logits, teacher_logits = _first_vocabulary(student_logits, teacher_logits, vocab_size)
     check_logits(student_logits, teacher_logits, target, ignore_index, check_target)
-    options = check_options(temperature, alpha, ignore_index, reduction, backend)
+    options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
     if not isinstance(fused_backward, bool) or (fused_backward and reduction == "none"):
         raise ValueError(f"fused_backward must be a bool, and needs reduction 'mean' or 'sum'; got "
                          f"fused_backward={fused_backward!r} with reduction={reduction!r}")
@@ -94,20 +105,38 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     return _EagerKDLoss.apply(student_logits, teacher_logits, target, options, reduction, gradient, backend)
 
 
+def _first_vocabulary(s, t, vocab_size):
+    """(s, t) read over their common vocabulary: views of their first vocab_size columns, or as given."""
+    both = all(isinstance(x, Tensor) and x.dim() == 2 for x in (s, t)) and s.shape[0] == t.shape[0]
+    vocabulary = common_vocabulary(vocab_size, {"student_logits": s.shape[1], "teacher_logits": t.shape[1]}
+                                   if both else {})
+    if vocab_size is None:
+        return s, t
+    return first_columns(s, vocabulary), first_columns(t, vocabulary)
+
+
 class KDLoss(nn.Module):
     """Module form of `kd_loss`: forward(student_logits, teacher_logits, target=None)."""
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
-                 reduction: str = "mean", backend: str = "auto"):
+                 reduction: str = "mean", backend: str = "auto", divergence: str = "forward_kl",
+                 jsd_beta: float = 0.5, softcap: Optional[float] = None, vocab_size: Optional[int] = None):
         super().__init__()
         # Validate hyperparameters now, so a bad config fails at construction rather than at the first step.
-        check_options(temperature, alpha, ignore_index, reduction, backend)
+        check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
+        common_vocabulary(vocab_size, {})
+        self.vocab_size = vocab_size
         self.temperature, self.alpha = float(temperature), float(alpha)
         self.ignore_index, self.reduction, self.backend = int(ignore_index), reduction, backend
+        self.divergence, self.jsd_beta, self.softcap = divergence, float(jsd_beta), softcap
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None) -> Tensor:
         return kd_loss(student_logits, teacher_logits, target, temperature=self.temperature, alpha=self.alpha,
-                       ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+                       ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+                       divergence=self.divergence, jsd_beta=self.jsd_beta, softcap=self.softcap,
+                       vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
+        return (f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}, "
+                f"divergence={self.divergence!r}, jsd_beta={self.jsd_beta}, softcap={self.softcap}, "
+                f"vocab_size={self.vocab_size}")
