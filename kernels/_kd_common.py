@@ -239,8 +239,14 @@ def check_logits(s, t, target, ignore_index, check_target=True) -> None:
     validate_target(target, s.shape[0], s.shape[1], s.device, "student_logits", check_target, ignore_index)
 
 
+def _finite(x) -> bool:
+    # Not math.isfinite: under torch.compile a value that changed between calls is a symbolic float, which only
+    # arithmetic and comparisons take (they become guards: no recompile per value). inf − inf and nan − nan are nan.
+    return x - x == 0
+
+
 def validate_hyperparameters(temperature, alpha, reduction, backend) -> None:
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+    if not isinstance(temperature, (int, float)) or not _finite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
@@ -256,7 +262,7 @@ def validate_divergence(divergence, jsd_beta, softcap) -> None:
     if isinstance(jsd_beta, bool) or not isinstance(jsd_beta, (int, float)) or not 0.0 <= jsd_beta <= 1.0:
         raise ValueError(f"jsd_beta must be a number in [0, 1], got {jsd_beta!r}")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not math.isfinite(softcap) or softcap <= 0):
+                                or not _finite(softcap) or softcap <= 0):
         raise ValueError(f"softcap must be None (off) or a finite number > 0, got {softcap!r}")
 
 

@@ -471,3 +471,16 @@ def test_the_no_compiler_fallbacks_closed_form_gradient(divergence, beta, softca
     exact.sum().backward()
     torch.testing.assert_close(rows, exact, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, s64.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_compiled_loss_takes_a_new_temperature_and_beta_without_failing():
+    """Dynamo makes a float that changed between calls symbolic; the option checks must take one (math.isfinite
+    does not, and the second value failed). Each new value still recompiles: the op's float fields specialise."""
+    s, t = torch.randn(4, 37, dtype=torch.float64), torch.randn(4, 37, dtype=torch.float64)
+    y = torch.randint(0, 37, (4,))
+    compiled = torch.compile(lambda s, T, b: kd_loss(s, t, y, temperature=T, alpha=0.3, divergence="jsd",
+                                                    jsd_beta=b, backend="torch"), backend="eager", fullgraph=True)
+    for temperature, beta in [(1.0, 0.2), (2.0, 0.4), (3.5, 0.7)]:
+        expected = kd_loss(s, t, y, temperature=temperature, alpha=0.3, divergence="jsd", jsd_beta=beta,
+                           backend="torch")
+        torch.testing.assert_close(compiled(s, temperature, beta), expected, rtol=1e-12, atol=0)
