@@ -38,7 +38,7 @@ class Config:
     temperature: float = 3.0
     alpha: float = 0.3
     # The soft term's divergence (fastkd.kernels.kd_loss): forward_kl KL(p_t ‖ p_s), reverse_kl KL(p_s ‖ p_t), or jsd
-    # β·KL(p_t ‖ m) + (1−β)·KL(p_s ‖ m), m = β·p_t + (1−β)·p_s, with β = jsd_beta (None: 0.5 for jsd; only jsd takes one).
+    # β·KL(p_t ‖ m) + (1−β)·KL(p_s ‖ m), m = β·p_t + (1−β)·p_s, β = jsd_beta (None: 0.5 for jsd; only jsd takes one).
     divergence: str = "forward_kl"
     jsd_beta: Optional[float] = None
     beta: float = 0.03
@@ -228,4 +228,4 @@ def check_divergence(divergence: str, jsd_beta: Optional[float], kl_on_probabili
         raise ValueError(f"--jsd-beta must be in [0, 1], got {jsd_beta}")
     if kl_on_probabilities and divergence != "forward_kl":
         raise ValueError(f"--divergence {divergence} cannot go with --kl-on-probabilities (the official quirk, also "
-                         f"set by --preset official): its soft term is KLDivLoss on probabilities, no divergence choice")
+                         f"set by --preset official): its soft term is KLDivLoss on probabilities, forward KL only")

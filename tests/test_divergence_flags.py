@@ -64,7 +64,8 @@ def test_the_step_soft_term_is_the_divergence_computed_by_hand(divergence, beta)
     y = torch.randint(0, 10, (16,), generator=g)
     settings = LossSettings(3.0, 0.7, 0.0, divergence=divergence, jsd_beta=beta)
     loss = soft_loss(s.clone().requires_grad_(), t, y, settings)
-    assert float(loss.detach()) == pytest.approx(float(_by_hand(s, t, y, 3.0, 0.7, divergence, beta)), rel=1e-5, abs=1e-6)
+    by_hand = float(_by_hand(s, t, y, 3.0, 0.7, divergence, beta))
+    assert float(loss.detach()) == pytest.approx(by_hand, rel=1e-5, abs=1e-6)
 
 
 # ---- the command line --------------------------------------------------------------------------------------------
@@ -106,9 +107,11 @@ BAD = [  # (flags, what the one line says: the flag and the problem)
     (["--divergence", "jsd", "--jsd-beta", "nan"], "--jsd-beta must be in [0, 1], got nan"),
     # forward and reverse KL take no β: ignoring it silently would hide a mistake
     (["--jsd-beta", "0.3"], "--jsd-beta applies to --divergence jsd only, not forward_kl"),
-    (["--divergence", "reverse_kl", "--jsd-beta", "0.3"], "--jsd-beta applies to --divergence jsd only, not reverse_kl"),
+    (["--divergence", "reverse_kl", "--jsd-beta", "0.3"],
+     "--jsd-beta applies to --divergence jsd only, not reverse_kl"),
     # the official quirk is a soft term of its own
-    (["--kl-on-probabilities", "--divergence", "reverse_kl"], "--divergence reverse_kl cannot go with --kl-on-probabilities"),
+    (["--kl-on-probabilities", "--divergence", "reverse_kl"],
+     "--divergence reverse_kl cannot go with --kl-on-probabilities"),
     (["--preset", "official", "--divergence", "jsd"], "--divergence jsd cannot go with --kl-on-probabilities"),
 ]
 
