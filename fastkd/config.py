@@ -4,6 +4,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from fastkd.kernels._kd_common import DIVERGENCES  # what kd_loss's divergence= takes
+
 from .precision import check_precision, default_precision
 from .schedule import DEFAULT_INTERVAL, METHODS, SELF_METHODS, TEACHER_METHODS
 
@@ -16,6 +18,7 @@ from .schedule import DEFAULT_INTERVAL, METHODS, SELF_METHODS, TEACHER_METHODS
 # image datasets default to the paper's ResNet-18.
 DEFAULT_MODELS = {"digits": "resnet20", "mnist5k": "resnet20", "synthetic": "tiny", "cifar100": "resnet18",
                   "tiny-imagenet": "resnet18"}
+DEFAULT_JSD_BETA = 0.5  # kd_loss's
 
 
 @dataclass
@@ -36,6 +39,10 @@ class Config:
     weight_decay: float = 5e-4
     temperature: float = 3.0
     alpha: float = 0.3
+    # The soft term's divergence (fastkd.kernels.kd_loss): forward_kl KL(p_t ‖ p_s), reverse_kl KL(p_s ‖ p_t), or jsd
+    # β·KL(p_t ‖ m) + (1−β)·KL(p_s ‖ m), m = β·p_t + (1−β)·p_s, β = jsd_beta (None: 0.5 for jsd; only jsd takes one).
+    divergence: str = "forward_kl"
+    jsd_beta: Optional[float] = None
     beta: float = 0.03
     # Two-network methods: auto, none, dist, l2, l1, smoothl1; None: auto for them, none for the others. auto is
     # dist where the two networks' feature widths are equal, else none (fastkd.models.features.feature_term).
@@ -61,13 +68,18 @@ class Config:
         feature_loss = self.feature_loss or "auto"
         if self.method not in TEACHER_METHODS and feature_loss == "auto":
             feature_loss = "none"  # no teacher, no two-network term
+        jsd_beta = DEFAULT_JSD_BETA if self.divergence == "jsd" and self.jsd_beta is None else self.jsd_beta
         return dataclasses.replace(self, teacher=self.teacher or default_model, student=self.student or default_model,
-                                   precision=precision, feature_loss=feature_loss)
+                                   precision=precision, feature_loss=feature_loss, jsd_beta=jsd_beta)
 
     def resolved_interval(self) -> Optional[float]:
         if self.method not in DEFAULT_INTERVAL:
             return None
         return self.interval if self.interval is not None else DEFAULT_INTERVAL[self.method]
+
+    def resolved_jsd_beta(self) -> float:
+        """jsd's β; for the divergences that take none, kd_loss's default (which they ignore)."""
+        return DEFAULT_JSD_BETA if self.jsd_beta is None else self.jsd_beta
 
     def teacher_frozen(self) -> bool:
         """Offline KD from given teacher weights distils from that teacher without training it."""
@@ -101,7 +113,8 @@ def preset_settings(name: str, method: str) -> dict:
 
 
 # What a run saved before a setting existed ran with: its config.json or checkpoint lacks the key.
-LEGACY_SETTINGS = {"precision": "fp32", "channels_last": False, "teacher_weights": None, "feature_loss": "none"}
+LEGACY_SETTINGS = {"precision": "fp32", "channels_last": False, "teacher_weights": None, "feature_loss": "none",
+                   "divergence": "forward_kl", "jsd_beta": None}
 
 
 def with_legacy_settings(saved: dict) -> dict:
@@ -153,7 +166,7 @@ def numbers_from_strings(settings: dict) -> dict:
 
 
 _OPTIONAL_TYPES = {"interval": (int, float), "train_subset": (int,), "precision": (str,), "teacher_weights": (str,),
-                   "feature_loss": (str,)}
+                   "feature_loss": (str,), "jsd_beta": (int, float)}
 
 
 def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
@@ -183,6 +196,7 @@ def validate(cfg: Config, zoo_models=("teacher", "student")) -> None:
         raise ValueError(f"--alpha must be in [0, 1], got {cfg.alpha}")
     if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
         raise ValueError(f"--beta must be a finite number >= 0, got {cfg.beta}")
+    check_divergence(cfg.divergence, cfg.jsd_beta, cfg.kl_on_probabilities)
     check_feature_loss(cfg.feature_loss, cfg.method)
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr}")
@@ -213,3 +227,17 @@ def check_feature_loss(name: Optional[str], method: str) -> None:
         own = " (its own feature loss between heads is always on, weighted by --beta)" if method in SELF_METHODS else ""
         raise ValueError(f"--feature-loss {name} needs a method with a teacher ({', '.join(TEACHER_METHODS)}), "
                          f"not --method {method}{own}")
+
+
+def check_divergence(divergence: str, jsd_beta: Optional[float], kl_on_probabilities: bool) -> None:
+    """The soft term's divergence; β only for jsd (a β given to another divergence would be silently unused), and none
+    but forward KL under the official quirk, whose soft term is its own KLDivLoss on probabilities."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"--divergence {divergence!r} is unknown; choose from {', '.join(DIVERGENCES)}")
+    if jsd_beta is not None and divergence != "jsd":
+        raise ValueError(f"--jsd-beta applies to --divergence jsd only, not {divergence}")
+    if jsd_beta is not None and not 0.0 <= jsd_beta <= 1.0:  # NaN fails too
+        raise ValueError(f"--jsd-beta must be in [0, 1], got {jsd_beta}")
+    if kl_on_probabilities and divergence != "forward_kl":
+        raise ValueError(f"--divergence {divergence} cannot go with --kl-on-probabilities (the official quirk, also "
+                         f"set by --preset official): its soft term is KLDivLoss on probabilities, forward KL only")

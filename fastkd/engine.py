@@ -49,7 +49,8 @@ def train(cfg: Config, batches, models: dict[str, nn.Module], out_dir: Path, dev
     trace = Trace(trace_path if parallel.is_main else None, truncate_to=resume.get("trace_bytes") if resume else None)
     parallel = parallel.for_steps(cfg.compile)
     roles = build_roles(cfg, models, plan, device, parallel)
-    loss_settings = LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities, feature_term)
+    loss_settings = LossSettings(cfg.temperature, cfg.alpha, cfg.beta, cfg.kl_on_probabilities, feature_term,
+                                 cfg.divergence, cfg.resolved_jsd_beta())
     step_functions = StepFunctions(loss_settings, cfg.compile, device, parallel=parallel, precision=cfg.precision)
     test_forward = TestForward(AUTOCAST_DTYPES[cfg.precision], cfg.compile)
     if cfg.compile and parallel.is_main:

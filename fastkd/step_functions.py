@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastkd.kernels._kd_common import DIVERGENCES  # what kd_loss's divergence= takes
 from fastkd.kernels.kd_loss import kd_loss
 
 from .compiled_copy import own_code
@@ -35,10 +36,13 @@ class LossSettings:
     beta: float  # weight of the feature loss: the self-distillation one, or the two-network one below
     kl_on_probabilities: bool = False  # official-code quirk: KLDivLoss(softmax(s/T), softmax(t/T)), no T²
     feature_loss: str = "none"  # two-network methods: a FEATURE_LOSSES name, or "none"
+    divergence: str = "forward_kl"  # the soft term's: a DIVERGENCES name
+    jsd_beta: float = 0.5  # jsd's β (the others ignore it)
 
 
 def soft_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, cfg: LossSettings) -> Tensor:
-    """α·T²·KL(p_t ‖ p_s) + (1−α)·CE, from the fused kernel; or the official code's variant under its quirk."""
+    """α·T²·D + (1−α)·CE from the fused kernel, D the divergence of `cfg` (forward KL(p_t ‖ p_s) by default); or the
+    official code's variant under its quirk."""
     if cfg.kl_on_probabilities:
         t = cfg.temperature
         # Probabilities passed where log-probabilities belong, no T², and KLDivLoss's default elementwise mean
@@ -50,7 +54,7 @@ def soft_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, cfg: Lo
     # per-call check, a host sync on CUDA.
     # Every step backpropagates this term with weight 1, so the gradient the forward writes is final (one pass).
     return kd_loss(student_logits, teacher_logits, y, temperature=cfg.temperature, alpha=cfg.alpha,
-                   check_target=False, fused_backward=True)
+                   check_target=False, fused_backward=True, divergence=cfg.divergence, jsd_beta=cfg.jsd_beta)
 
 
 # The official code's feature losses (online_KD/train_space.py), between the (batch × width) pooled features:

@@ -10,7 +10,7 @@ ADVANCE = "advance"  # spaced-self: only the deepest head's cross-entropy trains
 SELF_DISTILL = "self_distill"  # one multi-exit network distils its shallow heads from its deepest
 STEP_KINDS = (CE, DISTILL_LIVE, REPLAY, ADVANCE, SELF_DISTILL)
 
-_DISTILL_TERMS = ("student logits", "teacher logits", "KD loss (α·T²·KL + (1−α)·CE)", "feature loss (β·feature)")
+_DISTILL_TERMS = ("student logits", "teacher logits", "KD loss (α·T²·D + (1−α)·CE)", "feature loss (β·feature)")
 TERM_NAMES = {
     CE: ("logits", "cross-entropy"),
     DISTILL_LIVE: _DISTILL_TERMS,

@@ -16,7 +16,7 @@ from .distributed import rank_from_env
 from .engine import Interrupted
 from .models import MODELS
 from .schedule import METHODS
-from .step_functions import FEATURE_LOSSES
+from .step_functions import DIVERGENCES, FEATURE_LOSSES
 
 
 def build_parser() -> OneLineErrorParser:
@@ -48,6 +48,11 @@ def build_parser() -> OneLineErrorParser:
       help="per-step cosine decay to 0, or constant (default cosine, or the preset's)")
     a("--temperature", type=float, default=DEFAULTS.temperature, help="distillation temperature T")
     a("--alpha", type=float, default=DEFAULTS.alpha, help="soft-loss weight α (1−α weighs the label CE)")
+    a("--divergence", choices=DIVERGENCES, default=DEFAULTS.divergence,
+      help="the soft term's divergence D (α·T²·D): forward_kl KL(p_t ‖ p_s), reverse_kl KL(p_s ‖ p_t), jsd "
+           "β·KL(p_t ‖ m) + (1−β)·KL(p_s ‖ m) with m = β·p_t + (1−β)·p_s")
+    a("--jsd-beta", type=float, default=None, metavar="B",
+      help="β of --divergence jsd, in [0, 1] (0 is forward KL, 1 reverse KL); default 0.5; jsd only")
     a("--beta", type=float, default=DEFAULTS.beta,
       help="feature-loss weight β: of --feature-loss for online, spaced and offline; of the heads' feature loss for "
            "self and spaced-self")

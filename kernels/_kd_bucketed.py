@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._kd_common import _effective, _kl, _log_mixture, reduce_rows, reduction_scale, result_dtype, scaled
+from ._kd_common import (_effective, _kl, _log_mixture, bad_topk_rows, reduce_rows, reduction_scale, result_dtype,
+                         scaled)
 
 TEACHER_FORMATS = ("logits", "logprobs")
 
@@ -178,10 +179,8 @@ def check_format(teacher_format, options, backend: str) -> bool:
 def sparse_loss(s: Tensor, values: Tensor, indices: Tensor, target: Optional[Tensor], teacher_format: str, options,
                 reduction: str, chunk: int) -> Tensor:
     """kd_loss_sparse on the bucketed teacher (arguments already checked, but for the log-probabilities' values)."""
-    from ._kd_chunked import _bad_topk_rows  # (that module imports this one)
-
     vocabulary = s.shape[1]
-    bad_indices = _bad_topk_rows(indices, vocabulary)
+    bad_indices = bad_topk_rows(indices, vocabulary)
     if teacher_format == "logprobs":
         counted = ~bad_indices if target is None else ~bad_indices & (target != options.ignore_index)
         check_logprobs(values, counted)

@@ -22,9 +22,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ._kd_common import (DTYPES, OPTIONS_SCHEMA, KDOptions, check_backend_for_device, check_options, common_vocabulary,
-                         first_columns, first_rows, kd_loss_reference, reduce_rows, reduction_scale, result_dtype,
-                         scaled, validate_target)
+from ._kd_common import (DTYPES, OPTIONS_SCHEMA, KDOptions, bad_topk_rows, check_backend_for_device, check_options,
+                         common_vocabulary, first_columns, first_rows, kd_loss_reference, reduce_rows, reduction_scale,
+                         result_dtype, scaled, validate_target)
 from . import _kd_bucketed as _bucketed
 from ._kd_ops import CHUNK_KERNELS
 
@@ -72,7 +72,7 @@ def _in_chunks(n: int, chunk: int, student: Callable, teacher: Callable, target:
 def _scatterable(values: Tensor, indices: Tensor, vocabulary: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(values in dtype, indices in range) for scattering a top-k teacher; a row with bad indices (repeated or out
     of range) gets NaN values, so that its loss is NaN rather than silently wrong."""
-    bad_rows = _bad_topk_rows(indices, vocabulary)
+    bad_rows = bad_topk_rows(indices, vocabulary)
     return torch.where(bad_rows[:, None], math.nan, values.to(dtype)), indices.clamp(0, vocabulary - 1)
 
 
@@ -88,21 +88,13 @@ def _topk_teacher(values: Tensor, indices: Tensor, vocabulary: int, dtype: torch
     return teacher
 
 
-def _bad_topk_rows(indices: Tensor, vocabulary: int) -> Tensor:
-    """(N,) bool: the row's indices repeat a class or leave [0, V). On the device, no host read."""
-    out_of_range = ((indices < 0) | (indices >= vocabulary)).any(1)
-    ordered = indices.sort(1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
-    return out_of_range | repeated
-
-
 def _check_topk_values(indices: Tensor, target: Optional[Tensor], ignore_index: int, vocabulary: int,
                        name: str) -> None:
     """Eager calls: a ValueError for the first counted row with bad indices. Like the target check, a host read,
     skipped while compiling or capturing a CUDA graph, where such a row makes the loss NaN instead."""
     if torch.compiler.is_compiling() or (indices.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    bad_rows = _bad_topk_rows(indices, vocabulary)
+    bad_rows = bad_topk_rows(indices, vocabulary)
     if target is not None:
         bad_rows = bad_rows & (target != ignore_index)
     if not bool(bad_rows.any()):

@@ -370,3 +370,11 @@ def first_rows(x, vocabulary: Optional[int]):
     if vocabulary is None or not isinstance(x, Tensor) or x.dim() < 1:
         return x
     return x[:vocabulary]
+
+
+def bad_topk_rows(indices: Tensor, vocabulary: int) -> Tensor:
+    """(N,) bool: the row's indices repeat a class or leave [0, V). On the device, no host read."""
+    out_of_range = ((indices < 0) | (indices >= vocabulary)).any(1)
+    ordered = indices.sort(1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+    return out_of_range | repeated
