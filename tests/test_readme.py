@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-KERNEL_EXAMPLES = ("kd_loss", "kd_loss_linear", "kd_loss_sparse")
+KERNEL_EXAMPLES = ("kd_loss", "kd_loss_linear", "kd_loss_sparse", "divergences")
 BLOCK = re.compile(r"```python\n(# example: (\S+)[^\n]*\n.*?)```\s*```text\n(.*?)```", re.S)
 NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
