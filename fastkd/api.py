@@ -136,7 +136,8 @@ def _names(teacher, student, train_data, test_data, settings: dict) -> dict:
                          + (" and the multi-exit network as student=" if method in SELF_METHODS else ""))
     if train_data is None or isinstance(train_data, str):
         if test_data is not None:
-            raise ValueError("test_data= goes with a Dataset train_data=; a fastkd dataset name brings its own test set")
+            raise ValueError("test_data= goes with a Dataset train_data=; "
+                             "a fastkd dataset name brings its own test set")
         if train_data is not None:
             if "dataset" in settings and settings["dataset"] != train_data:
                 raise ValueError(f"train_data={train_data!r} and dataset={settings['dataset']!r} disagree")
@@ -186,8 +187,8 @@ def _check_resumed_feature_term(cfg: Config, saved: dict, term: str) -> Config:
 
 def named_feature_term(cfg: Config, info) -> str:
     """The feature term that cfg.feature_loss runs for the models cfg names, on a dataset that `info` describes."""
-    return feature_term(cfg.feature_loss, cfg.beta, _models(cfg, None, None, info), {"teacher": cfg.teacher, "student": cfg.student},
-                        info.num_classes)[0]
+    names = {"teacher": cfg.teacher, "student": cfg.student}
+    return feature_term(cfg.feature_loss, cfg.beta, _models(cfg, None, None, info), names, info.num_classes)[0]
 
 
 def _batches(cfg: Config, train_data, test_data, device, parallel: DataParallelRanks, num_workers: int):

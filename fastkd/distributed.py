@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
 # Private module on purpose: its functional collectives are the only ones the compiler can place inside a step's
 # graph (torch.distributed's public all_reduce works in place and breaks the graph); torch has no public equivalent.
 import torch.distributed._functional_collectives as funcol

@@ -18,8 +18,8 @@ from torch import nn
 
 from . import checkpoint
 from .config import Config
-from .models.features import feature_taps
 from .distributed import SINGLE_PROCESS, DataParallelRanks, fingerprint
+from .models.features import feature_taps
 from .optim import init_momentum, make_sgd
 from .outputs import Progress, RunDirectory, Trace, describe, epoch_record
 from .precision import AUTOCAST_DTYPES, autocast
@@ -266,12 +266,13 @@ class TestForward:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, batch_size: int, parallel: DataParallelRanks = SINGLE_PROCESS,
-             forward: TestForward = TestForward()) -> dict:
+             forward: Optional[TestForward] = None) -> dict:
     """Top-1 and top-5 (%) on every test sample; for a multi-exit net, the deepest head plus every head's top-1.
 
     Under data parallelism each rank evaluates every size-th test batch with rank 0's BatchNorm statistics, and the
     counts are summed over the ranks.
     """
+    forward = TestForward() if forward is None else forward  # plain float32, uncompiled
     parallel.sync_buffers(model)
     was_training = model.training
     model.eval()

@@ -13,7 +13,6 @@ from tqdm import tqdm
 from .checkpoint import CHECKPOINT, save_atomic, temporaries
 from .schedule import Step
 
-
 RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, "student.pt", "teacher.pt")
 BOARD = "tensorboard"  # --tensorboard's default folder inside --out
 

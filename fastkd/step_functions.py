@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastkd.kernels._kd_common import DIVERGENCES  # what kd_loss's divergence= takes
 from fastkd.kernels.kd_loss import kd_loss
 
 from .compiled_copy import own_code
@@ -22,7 +21,6 @@ from .distributed import SINGLE_PROCESS, DataParallelRanks
 from .models.features import FeatureTap
 from .optim import sgd_update
 from .precision import AUTOCAST_DTYPES, autocast
-
 from .step_terms import ADVANCE, CE, DISTILL_LIVE, MAX_TERMS, REPLAY, SELF_DISTILL
 
 if TYPE_CHECKING:  # for the annotations only

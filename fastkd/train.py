@@ -126,7 +126,8 @@ def file_settings(path: str) -> dict:
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"--config {path}: a YAML file needs PyYAML (pip install pyyaml); or give it as JSON")
+            raise ValueError(f"--config {path}: a YAML file needs PyYAML (pip install pyyaml); "
+                             "or give it as JSON") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:

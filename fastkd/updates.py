@@ -2,9 +2,20 @@
 names are in fastkd.step_terms). Kept for one release."""
 import warnings
 
-from .step_functions import (FEATURE_LOSSES, SOFT_TARGET_KINDS, STEP_FUNCTIONS, LossSettings, StepFunctions,
-                             advance_step, ce_step, distill_step, feature_loss, replay_step, self_distill_step,
-                             soft_loss)
+from .step_functions import (
+                             FEATURE_LOSSES,
+                             SOFT_TARGET_KINDS,
+                             STEP_FUNCTIONS,
+                             LossSettings,
+                             StepFunctions,
+                             advance_step,
+                             ce_step,
+                             distill_step,
+                             feature_loss,
+                             replay_step,
+                             self_distill_step,
+                             soft_loss,
+)
 from .step_terms import MAX_TERMS, TERM_NAMES
 
 Updates = StepFunctions

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._kd_common import (_effective, _kl, _log_mixture, bad_topk_rows, reduce_rows, reduction_scale, result_dtype,
-                         scaled)
+from ._kd_common import _effective, _kl, _log_mixture, bad_topk_rows, reduce_rows, reduction_scale, result_dtype, scaled
 
 TEACHER_FORMATS = ("logits", "logprobs")
 

@@ -22,10 +22,24 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ._kd_common import (DTYPES, OPTIONS_SCHEMA, KDOptions, bad_topk_rows, check_backend_for_device, check_options,
-                         common_vocabulary, first_columns, first_rows, kd_loss_reference, reduce_rows, reduction_scale,
-                         result_dtype, scaled, validate_target)
 from . import _kd_bucketed as _bucketed
+from ._kd_common import (
+    DTYPES,
+    OPTIONS_SCHEMA,
+    KDOptions,
+    bad_topk_rows,
+    check_backend_for_device,
+    check_options,
+    common_vocabulary,
+    first_columns,
+    first_rows,
+    kd_loss_reference,
+    reduce_rows,
+    reduction_scale,
+    result_dtype,
+    scaled,
+    validate_target,
+)
 from ._kd_ops import CHUNK_KERNELS
 
 __all__ = ["kd_loss_linear", "kd_loss_sparse", "KDLinearLoss", "auto_chunk_size"]

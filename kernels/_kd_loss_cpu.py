@@ -25,7 +25,8 @@ from pathlib import Path
 
 # No torch import at module level: setup.py runs this file to build the library at install time.
 SOURCE = Path(__file__).with_name("kd_loss_cpu.cpp")
-FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-ffp-contract=off")
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
+         "-ffp-contract=off")
 DTYPE_CODES = {"torch.float32": 0, "torch.bfloat16": 1, "torch.float16": 2, "torch.float64": 3}
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}  # kd_loss_cpu.cpp's enum Divergence
 REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}  # kd_loss_cpu.cpp's enum Reduction

@@ -397,5 +397,5 @@ FORWARD_STREAM_CONFIGS = [c for c in BACKWARD_STREAM_CONFIGS if (c.kwargs["BLOCK
 kd_loss_fwd_stream_kernel = triton.autotune(configs=FORWARD_STREAM_CONFIGS,
                                             key=["C", "HAS_TARGET", "STORE_STATS", "WRITE_GRAD",
                                                  "DIVERGENCE", "SOFTCAP"])(kd_loss_fwd_kernel)
-kd_loss_bwd_stream_kernel = triton.autotune(configs=BACKWARD_STREAM_CONFIGS, key=["C", "HAS_TARGET", "DIVERGENCE", "SOFTCAP"])(
-    kd_loss_bwd_kernel)
+kd_loss_bwd_stream_kernel = triton.autotune(configs=BACKWARD_STREAM_CONFIGS,
+                                            key=["C", "HAS_TARGET", "DIVERGENCE", "SOFTCAP"])(kd_loss_bwd_kernel)

@@ -16,8 +16,22 @@ import torch
 from torch import Tensor
 
 from . import _kd_loss_cpu as _cpu
-from ._kd_common import (FUSED, GRAD, LOSS_ONLY, OPTIONS_SCHEMA, STATS, KDOptions, kernel_scalars, reduce_rows,
-                         reduction_scale, reference_grad, reference_rows, result_dtype, scaled, stats_per_row)
+from ._kd_common import (
+    FUSED,
+    GRAD,
+    LOSS_ONLY,
+    OPTIONS_SCHEMA,
+    STATS,
+    KDOptions,
+    kernel_scalars,
+    reduce_rows,
+    reduction_scale,
+    reference_grad,
+    reference_rows,
+    result_dtype,
+    scaled,
+    stats_per_row,
+)
 
 
 def _launch():

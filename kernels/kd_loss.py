@@ -23,9 +23,21 @@ from torch import Tensor, nn
 
 from . import _kd_ops as _ops
 from ._kd_chunked import KDLinearLoss, auto_chunk_size, kd_loss_linear, kd_loss_sparse
-from ._kd_common import (FUSED, GRAD, LOSS_ONLY, STATS, KDOptions, check_backend_for_device, check_logits,
-                         check_options, common_vocabulary, first_columns, kd_loss_reference,
-                         validate_hyperparameters, validate_target)
+from ._kd_common import (
+    FUSED,
+    GRAD,
+    LOSS_ONLY,
+    STATS,
+    KDOptions,
+    check_backend_for_device,
+    check_logits,
+    check_options,
+    common_vocabulary,
+    first_columns,
+    kd_loss_reference,
+    validate_hyperparameters,
+    validate_target,
+)
 
 __all__ = ["kd_loss", "KDLoss", "kd_loss_reference", "kd_loss_linear", "kd_loss_sparse", "KDLinearLoss",
            "auto_chunk_size", "validate_hyperparameters", "validate_target"]

@@ -13,12 +13,19 @@ from PIL import Image
 from torch import nn
 from torch.func import functional_call
 
-from fastkd.analysis import (hutchinson_trace, loss_profile, paired_difference, random_direction, save_profile,
-                             sharpness, t_quantile, training_loss)
+from fastkd.analysis import (
+    hutchinson_trace,
+    loss_profile,
+    paired_difference,
+    random_direction,
+    save_profile,
+    sharpness,
+    t_quantile,
+    training_loss,
+)
 from fastkd.analysis.plot import BarChart, Line, LineChart, save_figure
 from fastkd.data import load_dataset
 from fastkd.models import build_model
-
 
 SEEDS = (0, 1, 2)
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastkd.data import make_batches
 from fastkd.data import loaders as loaders_module
-from fastkd.data import registry
+from fastkd.data import make_batches, registry
 from fastkd.data.synth import write
 from fastkd.schedule import plan_steps
 from fastkd.train import main

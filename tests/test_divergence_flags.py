@@ -234,8 +234,9 @@ def test_jsd_beta_is_a_constant_of_the_compiled_step_as_the_temperature_is():
     own (tests/test_compile.py), and another temperature or jsd_beta is another graph, the same rule for both."""
     import dataclasses
 
-    from fastkd.step_functions import StepFunctions
     from test_compile import _call, _step_inputs
+
+    from fastkd.step_functions import StepFunctions
 
     def recompiles(**change) -> bool:
         torch._dynamo.reset()

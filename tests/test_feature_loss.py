@@ -10,7 +10,6 @@ from torch import nn
 
 import fastkd
 from fastkd import api
-from fastkd.step_records import LrSchedule, NonFiniteGuard, RunningMean, StepRecorder
 from fastkd.config import Config
 from fastkd.data.registry import load_synthetic
 from fastkd.distributed import SINGLE_PROCESS
@@ -18,9 +17,10 @@ from fastkd.models import build_model
 from fastkd.models.features import FeatureTap, feature_taps
 from fastkd.optim import init_momentum, make_sgd
 from fastkd.schedule import Step
-from fastkd.train import main
 from fastkd.step_functions import LossSettings, StepFunctions, soft_loss
+from fastkd.step_records import LrSchedule, NonFiniteGuard, RunningMean, StepRecorder
 from fastkd.step_terms import TERM_NAMES
+from fastkd.train import main
 
 BETA = 0.03
 DATA = load_synthetic()

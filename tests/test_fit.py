@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from readme_example import example_code
 from torch import nn
 
 import fastkd
 from fastkd.data.base import DatasetInfo
 from fastkd.data.user import DatasetBatches
-from readme_example import example_code
 
 EXAMPLE = str(Path(__file__).with_name("readme_example.py"))
 # The README example: 1,497 training digits in batches of 64 → I = 23; s = 1.5 → K = 34; 8 epochs.
@@ -40,7 +40,8 @@ def test_readme_example_runs_as_written(readme_run):
     summary = json.loads((runs / "digits-spaced" / "metrics.jsonl").read_text().splitlines()[-1])["summary"]
     assert summary["steps"] == 2 * EPOCHS * PER_EPOCH
     config = json.loads((runs / "digits-spaced" / "config.json").read_text())
-    assert (config["dataset"], config["teacher"], config["student"]) == ("python:DigitsCrops",) + ("python:Sequential",) * 2
+    assert (config["dataset"], config["teacher"], config["student"]) == ("python:DigitsCrops", "python:Sequential",
+                                                                          "python:Sequential")
     assert config["dataset_info"]["num_classes"] == 10 and config["dataset_info"]["train_len"] == 1497
     for name in ("teacher", "student"):  # the saved state dicts load into the user's model
         torch.load(runs / "digits-spaced" / f"{name}.pt", weights_only=True)

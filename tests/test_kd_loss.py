@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastkd.kernels import _kd_loss_triton as tk
 from fastkd.kernels import _kd_common
+from fastkd.kernels import _kd_loss_triton as tk
 from fastkd.kernels._kd_launch import launch_kd_kernel
 from fastkd.kernels.kd_loss import KDLoss, kd_loss
 

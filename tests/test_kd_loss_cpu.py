@@ -1,12 +1,12 @@
 """The native CPU kernel (kernels/kd_loss_cpu.cpp): every output written, the same bits on any thread count, the
 caller's gradient buffer, and its build: once per machine into the cache, with one clear error when it cannot."""
+import functools
 import math
 
 import pytest
 import torch
 
-from fastkd.kernels import _kd_loss_cpu
-from fastkd.kernels import _kd_ops
+from fastkd.kernels import _kd_loss_cpu, _kd_ops
 from fastkd.kernels._kd_common import KDOptions
 from fastkd.kernels.kd_loss import kd_loss, kd_loss_linear, kd_loss_reference, kd_loss_sparse
 
@@ -126,12 +126,12 @@ def test_without_a_compiler_auto_computes_the_loss_in_plain_torch_with_one_warni
     dense_topk = torch.full_like(t, -math.inf).scatter_(1, indices, values)
     with pytest.warns(RuntimeWarning) as caught:
         for reduction in ("mean", "sum", "none"):
-            cases = [(lambda x: kd_loss(x, t, y, temperature=T, alpha=ALPHA, reduction=reduction), s, t),
-                     (lambda x: kd_loss_sparse(x, values, indices, y, temperature=T, alpha=ALPHA, reduction=reduction,
-                                               chunk_size=4), s, dense_topk),
-                     (lambda h: kd_loss_linear(h, weight.float(), y, teacher_logits=t, temperature=T, alpha=ALPHA,
-                                               reduction=reduction, chunk_size=4), s @ weight.float().inverse().T,
-                      t)]
+            options = dict(temperature=T, alpha=ALPHA, reduction=reduction)
+            cases = [(functools.partial(kd_loss, teacher_logits=t, target=y, **options), s, t),
+                     (functools.partial(kd_loss_sparse, teacher_values=values, teacher_indices=indices, target=y,
+                                        chunk_size=4, **options), s, dense_topk),
+                     (functools.partial(kd_loss_linear, student_weight=weight.float(), target=y, teacher_logits=t,
+                                        chunk_size=4, **options), s @ weight.float().inverse().T, t)]
             for loss_of, x, teacher in cases:
                 x = x.detach().requires_grad_()
                 loss = loss_of(x)

@@ -445,7 +445,7 @@ def test_every_divergence_compiles_fullgraph_and_matches_eager(backend, fused):
     torch._dynamo.reset()
     s0, t, y = logits(8, 33), logits(8, 33), targets(8, 33)
     for divergence, beta, softcap in (("reverse_kl", 0.5, None), ("jsd", 0.3, 6.0)):
-        def loss_of(s):
+        def loss_of(s, divergence=divergence, beta=beta, softcap=softcap):
             return kd_loss(s, t, y, temperature=2.0, alpha=0.4, backend=backend, fused_backward=fused,
                            divergence=divergence, jsd_beta=beta, softcap=softcap)
 

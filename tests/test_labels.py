@@ -1,6 +1,6 @@
-"""Every batch's labels are range-checked inside the step (fastkd.step_records.LabelGuard), not only the first batch's: a bad
-label in a later batch stops the run at the next check with one line naming the step, the batch and the label, and
-the checkpoint left is the last one before that step."""
+"""Every batch's labels are range-checked inside the step (fastkd.step_records.LabelGuard), not only the first
+batch's: a bad label in a later batch stops the run at the next check with one line naming the step, the batch and the
+label, and the checkpoint left is the last one before that step."""
 import dataclasses
 
 import pytest
@@ -70,8 +70,8 @@ def test_the_cli_stops_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     # K = 5: steps 1-5 advance the teacher on batches 0-4, 6-10 replay them (a checkpoint at 10), 12 advances on 6.
     bad_step = first_step_on("spaced", 0.7, 6)
     assert bad_step == 12
-    assert err[0] == (f"fastkd.train: error: label -3 out of range [0, 4) at step 12 (teacher ce step on batch 6: "
-                      f"epoch 0, position 6); stopped, the last good checkpoint is kept"), err
+    assert err[0] == ("fastkd.train: error: label -3 out of range [0, 4) at step 12 (teacher ce step on batch 6: "
+                      "epoch 0, position 6); stopped, the last good checkpoint is kept"), err
     assert checkpoint.load_checkpoint(out)["done"] == 10
 
 

@@ -19,9 +19,8 @@ from fastkd.config import Config
 from fastkd.data import TensorBatches, load_dataset
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, make_sgd, sgd_update
-from fastkd.step_records import LrSchedule
 from fastkd.step_functions import LossSettings, ce_step, replay_step, soft_loss
-
+from fastkd.step_records import LrSchedule
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The optimizer and its lr schedule

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import engine, step_functions as updates
+from fastkd import engine
+from fastkd import step_functions as updates
 from fastkd.data import TensorBatches
 from fastkd.data.registry import load_synthetic
 from fastkd.models import build_model

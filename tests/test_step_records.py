@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from fastkd.step_records import LabelGuard, LrSchedule, NonFiniteGuard, RunningMean, StepRecorder
 from fastkd.data.registry import load_synthetic
 from fastkd.models import build_model
 from fastkd.optim import init_momentum, make_sgd
 from fastkd.step_functions import LossSettings, StepFunctions
+from fastkd.step_records import LabelGuard, LrSchedule, NonFiniteGuard, RunningMean, StepRecorder
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])

@@ -1,4 +1,5 @@
-"""CIFAR-stem ResNets (18/34/50 and the thin 20/32/56; all with multi-exit versions), MobileNetV2, a DeiT-Tiny-shaped ViT and a tiny CNN.
+"""CIFAR-stem ResNets (18/34/50 and the thin 20/32/56; all with multi-exit versions), MobileNetV2, a DeiT-Tiny-shaped
+ViT and a tiny CNN.
 
 Every convolutional net here is a sequence of *stages* followed by global pooling and a linear classifier. The
 multi-exit version (self-distillation) puts a classifier after every stage and an adapter that maps each shallow

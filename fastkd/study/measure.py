@@ -5,8 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..analysis import (hutchinson_trace, loss_profile, random_direction, save_profile, sharpness,
-                        training_loss)
+from ..analysis import hutchinson_trace, loss_profile, random_direction, save_profile, sharpness, training_loss
 from ..config import Config
 from ..data import make_batches
 from ..distributed import SINGLE_PROCESS

@@ -7,6 +7,7 @@ from ..analysis.plot import BarChart, Line, LineChart, save_figure
 from ..config import Config
 from ..schedule import TEACHER_METHODS
 
+
 def _fmt(mean: float, std: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 

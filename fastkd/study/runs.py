@@ -14,7 +14,6 @@ from .measure import RESULT, RESULT_VERSION, analyse_run, analysis_settings
 from .plan import StudyRun
 
 
-
 def _trained(run_dir: Path) -> bool:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
