@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from fastkd.kernels._kd_common import DIVERGENCES  # what --divergence takes: kd_loss's divergences
+
 from .api import SETTINGS, default_out, fit
 from .checkpoint import load_checkpoint
 from .cli import OneLineErrorParser
@@ -16,7 +18,7 @@ from .distributed import rank_from_env
 from .engine import Interrupted
 from .models import MODELS
 from .schedule import METHODS
-from .step_functions import DIVERGENCES, FEATURE_LOSSES
+from .step_functions import FEATURE_LOSSES
 
 
 def build_parser() -> OneLineErrorParser:
