@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from squares import Squares
 from torch import nn
 
 import fastkd
@@ -180,24 +181,6 @@ def test_a_study_folder_saved_before_the_divergence_flags_is_the_same_study(tmp_
 
 # ---- fastkd.fit --------------------------------------------------------------------------------------------------
 
-class Squares(torch.utils.data.Dataset):
-    """32 one-channel 4×4 images whose class (of 4) is the brightest quadrant."""
-    classes = list(range(4))
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.y = torch.arange(32) % 4
-        self.x = torch.rand(32, 1, 4, 4, generator=g)
-        for i, c in enumerate(self.y.tolist()):
-            r, q = divmod(c, 2)
-            self.x[i, 0, 2 * r:2 * r + 2, 2 * q:2 * q + 2] += 1
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
-
 
 def cnn(seed: int) -> nn.Module:
     torch.manual_seed(seed)
@@ -206,7 +189,7 @@ def cnn(seed: int) -> nn.Module:
 
 
 def test_fit_takes_the_divergence_and_jsd_beta(tmp_path, received):
-    data = Squares()
+    data = Squares(32)
     summary = fastkd.fit("spaced", teacher=cnn(1), student=cnn(2), train_data=data, test_data=data, epochs=1,
                          batch_size=16, out=tmp_path / "run", quiet=True, num_workers=0, divergence="jsd",
                          jsd_beta=0.3)
@@ -219,7 +202,7 @@ def test_fit_takes_the_divergence_and_jsd_beta(tmp_path, received):
                                               ({"divergence": "jsd", "jsd_beta": 2.0}, "--jsd-beta must be in"),
                                               ({"divergence": "jsd", "jsd_beta": "0.3"}, "jsd_beta must be")])
 def test_fit_refuses_bad_values_naming_them(tmp_path, settings, message):
-    data = Squares()
+    data = Squares(32)
     with pytest.raises(ValueError, match=message):
         fastkd.fit("spaced", teacher=cnn(1), student=cnn(2), train_data=data, test_data=data, epochs=1,
                    batch_size=16, out=tmp_path / "run", quiet=True, num_workers=0, **settings)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from squares import Squares
 from torch import nn
 
 import fastkd
@@ -14,25 +15,6 @@ from fastkd.api import config_from_settings
 from fastkd.train import main
 
 AUTO_LINE = "fastkd: --feature-loss auto: "
-
-
-class Squares(torch.utils.data.Dataset):
-    """64 one-channel 4×4 images whose class (of 4) is the brightest quadrant."""
-    classes = list(range(4))
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.y = torch.arange(64) % 4
-        self.x = torch.rand(64, 1, 4, 4, generator=g)
-        for i, c in enumerate(self.y.tolist()):
-            r, q = divmod(c, 2)
-            self.x[i, 0, 2 * r:2 * r + 2, 2 * q:2 * q + 2] += 1
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
 
 
 def cnn(width: int, seed: int) -> nn.Module:
