@@ -207,3 +207,12 @@ def test_out_of_memory_fails_a_kd_loss_linear_benchmark_case_instead_of_skipping
     monkeypatch.setattr(bench, "SHAPE", (4, 8, 16))
     monkeypatch.setattr(bench, "_peak_extra_bytes", out_of_memory)
     assert raises_out_of_memory(bench.test_kd_loss_linear_forward_backward, "fastkd_linear")
+
+
+def test_the_preflight_imports_every_fastkd_module_and_runs_none(tmp_path):
+    """It imports each module pkgutil finds, `python -m` entry points (__main__) included: one that runs its
+    program on import (an argparse exit, here) stops the check in its first step."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "preflight.py"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "error" not in proc.stdout + proc.stderr
