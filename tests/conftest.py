@@ -20,3 +20,16 @@ def _seeded_per_test(request):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """The CPU kernel's loader with its own empty cache folder and no install-time library; the process's kernel is
+    loaded again afterwards."""
+    from fastkd.kernels import _kd_loss_cpu  # here, not at the top: TRITON_INTERPRET must be set before fastkd loads
+
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_kd_loss_cpu, "installed_library", lambda: tmp_path / "not-installed.so")
+    _kd_loss_cpu.kernel.cache_clear()
+    yield tmp_path / "cache"
+    _kd_loss_cpu.kernel.cache_clear()

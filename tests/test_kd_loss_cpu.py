@@ -67,17 +67,6 @@ def test_the_same_bits_on_one_thread_and_on_two(dtype):
     assert torch.equal(loss_1, loss_2) and torch.equal(grad_1, grad_2)
 
 
-@pytest.fixture
-def fresh_kernel(monkeypatch, tmp_path):
-    """The loader with its own cache folder and no install-time library; the process's kernel is loaded again
-    afterwards."""
-    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(_kd_loss_cpu, "installed_library", lambda: tmp_path / "not-installed.so")
-    _kd_loss_cpu.kernel.cache_clear()
-    yield tmp_path / "cache"
-    _kd_loss_cpu.kernel.cache_clear()
-
-
 def test_the_kernel_is_built_once_into_the_cache_and_loaded_from_it(fresh_kernel, monkeypatch):
     _kd_loss_cpu.kernel()
     (library,) = fresh_kernel.glob("kd_loss_cpu-*.so")

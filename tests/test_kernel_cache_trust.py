@@ -36,14 +36,9 @@ def built_library(tmp_path_factory):
 
 
 @pytest.fixture
-def cache(monkeypatch, tmp_path):
-    """An empty cache folder for the loader and no install-time library; the process's kernel is loaded again
-    afterwards."""
-    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(_kd_loss_cpu, "installed_library", lambda: tmp_path / "not-installed.so")
-    _kd_loss_cpu.kernel.cache_clear()
-    yield tmp_path / "cache"
-    _kd_loss_cpu.kernel.cache_clear()
+def cache(fresh_kernel):
+    """The empty cache folder of conftest's fresh_kernel."""
+    return fresh_kernel
 
 
 @pytest.fixture
