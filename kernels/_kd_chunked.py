@@ -23,10 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _kd_bucketed as _bucketed
+from . import _kd_sharded as _sharded
 from ._kd_common import (
     DTYPES,
     OPTIONS_SCHEMA,
     KDOptions,
+    _effective,
     bad_topk_rows,
     check_backend_for_device,
     check_options,
@@ -367,7 +369,7 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
                    temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
                    chunk_size: Optional[int] = None, backend: str = "auto", divergence: str = "forward_kl",
                    jsd_beta: float = 0.5, softcap: Optional[float] = None,
-                   vocab_size: Optional[int] = None) -> Tensor:
+                   vocab_size: Optional[int] = None, gather: str = "auto") -> Tensor:
     """`kd_loss(student_hidden @ student_weight.T + student_bias, teacher_logits, target, ...)` without the (N, V)
     logits: rows in chunks of `chunk_size` (None: `auto_chunk_size`), extra memory O(chunk · V). divergence,
     jsd_beta and softcap as in `kd_loss` (the cap applies to the student's and the teacher's logits).
@@ -383,7 +385,22 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
     classes only (views, no copy; top-k indices must be < V): a teacher whose vocabulary is padded to another
     multiple, or has extra tokens. The gradients of student_weight and student_bias keep their full V_s rows, 0 past
     V. Without it, a teacher width other than the student's is a ValueError naming both.
+
+    Sharded heads (FSDP2, tensor parallelism): student_weight (and teacher_weight, biases) may be DTensors split
+    along the vocabulary (Shard(0)) on any mesh dimension. Plain student_hidden: each rank's own batch (FSDP);
+    `gather` then picks what crosses the network, "hidden" (the hidden states, the head stays sharded), "head" (the
+    head is all-gathered) or "auto" (whichever receives fewer bytes, `_kd_sharded.gather_plan`). student_hidden as
+    a replicated DTensor: one batch on every rank (tensor parallelism). See docs/kernels.md, "Sharded heads".
     """
+    if any(_sharded.is_dtensor(x) for x in (student_hidden, student_weight, student_bias, teacher_logits,
+                                             teacher_hidden, teacher_weight, teacher_bias)):
+        options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
+        _validate_chunk_size(chunk_size)
+        return _sharded.sharded_linear(student_hidden, student_weight, student_bias, target, teacher_logits,
+                                       teacher_hidden, teacher_weight, teacher_bias, teacher_topk, options,
+                                       reduction, chunk_size, vocab_size, gather, kd_loss_linear, auto_chunk_size)
+    if gather not in _sharded.GATHERS:
+        raise ValueError(f"gather must be one of {_sharded.GATHERS}, got {gather!r}")
     _check_matrix(student_hidden, "student_hidden", (None, None), getattr(student_hidden, "dtype", None),
                   getattr(student_hidden, "device", None))
     if student_hidden.dtype not in DTYPES:
@@ -479,6 +496,17 @@ def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indic
     bucketed distributions (with "logits", the k classes and an empty tail; "reverse_kl" is then refused, being
     infinite wherever the student has mass outside K). The bucketed forms run in plain torch, chunk by chunk, with
     backend "auto" or "torch"; forward KL on "logits" is the fused kernel's dense loss, which it equals."""
+    if _sharded.is_dtensor(student_logits):
+        options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta)
+        if teacher_format != "logits" or _effective(divergence, jsd_beta) != "forward_kl":
+            raise ValueError("kd_loss_sparse on sharded student_logits runs the fused form only: forward KL with "
+                             f"teacher_format='logits' (got divergence={divergence!r}, jsd_beta={jsd_beta}, "
+                             f"teacher_format={teacher_format!r})")
+        _validate_chunk_size(chunk_size)
+        _validate_topk(teacher_values, teacher_indices, student_logits.shape[0], student_logits.shape[1],
+                       student_logits.device, ("teacher_values", "teacher_indices", "student_logits"))
+        return _sharded.sharded_logits(student_logits, None, (teacher_values, teacher_indices), target, options,
+                                       reduction, chunk_size, vocab_size, "kd_loss_sparse", auto_chunk_size)
     if not isinstance(student_logits, Tensor) or student_logits.dim() != 2 or min(student_logits.shape) < 1:
         raise ValueError(f"student_logits must be a 2-D (N, C) tensor with N, C >= 1, got {_shape(student_logits)}")
     if student_logits.dtype not in DTYPES:
@@ -533,8 +561,11 @@ class KDLinearLoss(nn.Module):
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
                  reduction: str = "mean", chunk_size: Optional[int] = None, backend: str = "auto",
                  divergence: str = "forward_kl", jsd_beta: float = 0.5, softcap: Optional[float] = None,
-                 vocab_size: Optional[int] = None):
+                 vocab_size: Optional[int] = None, gather: str = "auto"):
         super().__init__()
+        if gather not in _sharded.GATHERS:
+            raise ValueError(f"gather must be one of {_sharded.GATHERS}, got {gather!r}")
+        self.gather = gather
         check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
         _validate_chunk_size(chunk_size)
         common_vocabulary(vocab_size, {})
@@ -549,10 +580,10 @@ class KDLinearLoss(nn.Module):
                               temperature=self.temperature, alpha=self.alpha, ignore_index=self.ignore_index,
                               reduction=self.reduction, chunk_size=self.chunk_size, backend=self.backend,
                               divergence=self.divergence, jsd_beta=self.jsd_beta, softcap=self.softcap,
-                              vocab_size=self.vocab_size)
+                              vocab_size=self.vocab_size, gather=self.gather)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, ignore_index={self.ignore_index}, "
                 f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, backend={self.backend!r}, "
                 f"divergence={self.divergence!r}, jsd_beta={self.jsd_beta}, softcap={self.softcap}, "
-                f"vocab_size={self.vocab_size}")
+                f"vocab_size={self.vocab_size}, gather={self.gather!r}")

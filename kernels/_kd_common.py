@@ -165,13 +165,21 @@ def divergence_grad(s: Tensor, t: Tensor, temperature: float, divergence: str, j
     p·(log(p/q) − KL(p ‖ q)); JSD (1 − β)·p·(log(p/m) − KL(p ‖ m)). 0 where p is 0."""
     log_p = F.log_softmax(s / temperature, dim=1)
     log_q = F.log_softmax(t / temperature, dim=1)
+    return divergence_grad_from_logs(log_p, log_q, divergence, jsd_beta)
+
+
+def divergence_grad_from_logs(log_p: Tensor, log_q: Tensor, divergence: str, jsd_beta: float,
+                              kl: Optional[Tensor] = None) -> Tensor:
+    """divergence_grad from the log-probabilities. kl (rows, 1): the row's KL(p ‖ q) (reverse KL) or KL(p ‖ m)
+    (JSD) when log_p and log_q hold only some of the classes (a vocabulary shard); None: summed here."""
     p = log_p.exp()
     divergence = _effective(divergence, jsd_beta)
     if divergence == "forward_kl":
         return p - log_q.exp()
     log_other = log_q if divergence == "reverse_kl" else _log_mixture(log_p, log_q, jsd_beta)
     log_ratio = torch.where(p != 0, log_p - log_other, 0.0)
-    kl = torch.where(p != 0, p * log_ratio, 0.0).sum(1, keepdim=True)
+    if kl is None:
+        kl = torch.where(p != 0, p * log_ratio, 0.0).sum(1, keepdim=True)
     weight = 1.0 if divergence == "reverse_kl" else 1 - jsd_beta
     return weight * torch.where(p != 0, p * (log_ratio - kl), 0.0)
 

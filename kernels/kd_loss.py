@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _kd_ops as _ops
+from . import _kd_sharded as _sharded
 from ._kd_chunked import KDLinearLoss, auto_chunk_size, kd_loss_linear, kd_loss_sparse
 from ._kd_common import (
     FUSED,
@@ -95,6 +96,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     to another multiple), as strided views, never a copy; target must be < V. The student's gradient keeps its full
     width, 0 in the columns past V. Without it, logits of different widths are a ValueError.
     """
+    if _sharded.is_dtensor(student_logits) or _sharded.is_dtensor(teacher_logits):
+        options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
+        if fused_backward:
+            raise ValueError("fused_backward=True is not available on sharded logits (DTensor): the sharded pass "
+                             "makes the gradient in the backward")
+        return _sharded.sharded_logits(student_logits, teacher_logits, None, target, options, reduction, None,
+                                       vocab_size, "kd_loss", auto_chunk_size)
     student_logits, teacher_logits = _first_vocabulary(student_logits, teacher_logits, vocab_size)
     check_logits(student_logits, teacher_logits, target, ignore_index, check_target)
     options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
