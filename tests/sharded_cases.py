@@ -7,6 +7,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastkd.kernels import _kd_sharded
 from fastkd.kernels.kd_loss import kd_loss, kd_loss_linear, kd_loss_sparse
@@ -171,7 +172,42 @@ def error_case(case: dict, mesh, rank: int, ranks: int) -> dict:
     return {"error": None}
 
 
-CASE_KINDS = {"linear": linear_case, "logits": logits_case, "error": error_case}
+class LargestNewTensor(TorchDispatchMode):
+    """The most elements of any plain tensor an op makes (DTensors, whose shapes are global, left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if type(t) is torch.Tensor:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def memory_case(case: dict, mesh, rank: int, ranks: int) -> dict:
+    """The largest tensor made by a forward and backward on a bigger vocabulary, FSDP (hidden plan) or TP rows."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    n, h, v = case["n"], case["h"], case["v"]
+    g = torch.Generator().manual_seed(7)
+    weight = distribute_tensor(torch.randn(v, h, generator=g), mesh, [Shard(0)]).requires_grad_()
+    t_weight = distribute_tensor(torch.randn(v, h, generator=g), mesh, [Shard(0)])
+    hidden = torch.randn(ranks, n, h, generator=g)[rank if case["mode"] == "fsdp" else 0]
+    t_hidden = torch.randn(n, h, generator=g)
+    if case["mode"] == "tp":
+        hidden = distribute_tensor(hidden, mesh, [Replicate()])
+        t_hidden = distribute_tensor(t_hidden, mesh, [Replicate()])
+    hidden.requires_grad_()
+    target = torch.randint(0, v, (n,), generator=g)
+    with LargestNewTensor() as mode:
+        kd_loss_linear(hidden, weight, target, teacher_hidden=t_hidden, teacher_weight=t_weight,
+                       chunk_size=case["chunk"], gather="hidden", divergence="jsd").backward()
+    return {"largest": mode.largest}
+
+
+CASE_KINDS = {"linear": linear_case, "logits": logits_case, "error": error_case, "memory": memory_case}
 
 
 def worker(rank: int, ranks: int, init_file: str, cases: list, results) -> None:

@@ -6,12 +6,15 @@ absolute), which allows the last printed digit to move with the machine's float 
 import contextlib
 import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 KERNEL_EXAMPLES = ("kd_loss", "kd_loss_linear", "kd_loss_sparse", "divergences")
+TORCHRUN_EXAMPLES = ("sharded",)  # run by torchrun on 2 processes; rank 0 prints
 BLOCK = re.compile(r"```python\n(# example: (\S+)[^\n]*\n.*?)```\s*```text\n(.*?)```", re.S)
 NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -34,7 +37,7 @@ def same_output(printed: str, expected: str) -> bool:
 
 
 def test_readme_holds_one_example_of_each_kernel():
-    assert sorted(readme_examples(README.read_text())) == sorted(KERNEL_EXAMPLES)
+    assert sorted(readme_examples(README.read_text())) == sorted(KERNEL_EXAMPLES + TORCHRUN_EXAMPLES)
 
 
 @pytest.mark.parametrize("name", KERNEL_EXAMPLES)
@@ -46,6 +49,17 @@ def test_readme_kernel_example_runs_and_prints_its_output(name):
     with contextlib.redirect_stdout(printed):  # line numbers in a traceback are README's
         exec(compile("\n" * line + code, str(README), "exec"), {"__name__": f"readme_{name}"})
     assert same_output(printed.getvalue(), expected), (printed.getvalue(), expected)
+
+
+@pytest.mark.parametrize("name", TORCHRUN_EXAMPLES)
+def test_readme_distributed_example_runs_under_torchrun(name, tmp_path):
+    code, _, expected = readme_examples(README.read_text())[name]
+    script = tmp_path / f"{name}.py"
+    script.write_text(code)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert same_output(run.stdout, expected), (run.stdout, expected)
 
 
 def test_output_comparison_allows_rounding_only():
