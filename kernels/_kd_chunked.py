@@ -396,6 +396,12 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
                                              teacher_hidden, teacher_weight, teacher_bias)):
         options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
         _validate_chunk_size(chunk_size)
+        if isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2:
+            rows = student_hidden.to_local() if _sharded.is_dtensor(student_hidden) else student_hidden
+            top = vocab_size or student_weight.shape[0]
+            _validate_topk(*teacher_topk, rows.shape[0], top, rows.device,
+                           ("teacher_topk values", "teacher_topk indices", "student_hidden"))
+            _check_topk_values(teacher_topk[1], target, ignore_index, top, "teacher_topk indices")
         return _sharded.sharded_linear(student_hidden, student_weight, student_bias, target, teacher_logits,
                                        teacher_hidden, teacher_weight, teacher_bias, teacher_topk, options,
                                        reduction, chunk_size, vocab_size, gather, kd_loss_linear, auto_chunk_size)
@@ -503,8 +509,10 @@ def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indic
                              f"teacher_format='logits' (got divergence={divergence!r}, jsd_beta={jsd_beta}, "
                              f"teacher_format={teacher_format!r})")
         _validate_chunk_size(chunk_size)
-        _validate_topk(teacher_values, teacher_indices, student_logits.shape[0], student_logits.shape[1],
-                       student_logits.device, ("teacher_values", "teacher_indices", "student_logits"))
+        top = vocab_size or student_logits.shape[1]
+        _validate_topk(teacher_values, teacher_indices, student_logits.shape[0], top, student_logits.device,
+                       ("teacher_values", "teacher_indices", "student_logits"))
+        _check_topk_values(teacher_indices, target, ignore_index, top, "teacher_indices")
         return _sharded.sharded_logits(student_logits, None, (teacher_values, teacher_indices), target, options,
                                        reduction, chunk_size, vocab_size, "kd_loss_sparse", auto_chunk_size)
     if not isinstance(student_logits, Tensor) or student_logits.dim() != 2 or min(student_logits.shape) < 1:

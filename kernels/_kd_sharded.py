@@ -118,7 +118,8 @@ def check_ranks_agree(shards: VocabShards, description: str, device) -> None:
     """Eager calls: every rank of the split must call with the same layout and settings, or the collectives would
     pair up wrongly. One ValueError on every rank naming both layouts. (A rank whose head is a plain tensor never
     gets here: it runs the unsharded loss, and the others wait on it.)"""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (torch.device(device).type == "cuda"
+                                         and torch.cuda.is_current_stream_capturing()):
         return
     code = torch.tensor([zlib.crc32(description.encode())], dtype=torch.int64, device=device)
     codes = torch.empty(shards.ranks, dtype=torch.int64, device=device)
@@ -473,6 +474,8 @@ def sharded_linear(hidden, weight, bias, target, teacher_logits, teacher_hidden,
     if len(teacher_kind) != 1:
         raise ValueError("give exactly one teacher: teacher_logits, teacher_hidden with teacher_weight, or "
                          f"teacher_topk; got {len(teacher_kind)}")
+    if teacher_topk is not None and (not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2):
+        raise ValueError("teacher_topk must be a pair (values (N, k), indices (N, k) int64)")
     if teacher_hidden is not None:
         if teacher_weight is None:
             raise ValueError("teacher_hidden needs teacher_weight (V, Ht)")

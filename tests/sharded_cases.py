@@ -160,6 +160,10 @@ def error_case(case: dict, mesh, rank: int, ranks: int) -> dict:
         other = dist.device_mesh.init_device_mesh("cpu", (ranks,), mesh_dim_names=("other",))
         teacher = {"teacher_hidden": d["t_hidden"][rank],
                    "teacher_weight": distribute_tensor(d["t_weight"][:V - 1], other, [Shard(0)])}
+    if layout == "topk_repeated":
+        indices = d["topk_indices"][rank].clone()
+        indices[3, 1] = indices[3, 0]
+        teacher = {"teacher_topk": (d["topk_values"][rank], indices)}
     if layout == "hidden_sharded":
         hidden = distribute_tensor(d["hidden"][0], mesh, [Shard(0)])
     if layout == "hidden_replicated_elsewhere":

@@ -43,6 +43,7 @@ ERRORS = [
     ({"layout": "hidden_sharded"}, "Replicate()"),
     ({"layout": "hidden_replicated_elsewhere", "gather": "head"}, "gather='head'"),
     ({"layout": "fine", "gather": "both"}, "gather must be one of"),
+    ({"layout": "topk_repeated"}, "teacher_topk indices of row 3 hold class"),
 ]
 
 
