@@ -78,7 +78,7 @@ STEPS = [
          env={"FASTKD_BENCH_LARGE": "1"}),
     # Every test marked gpu: each streaming kernel config at vocabulary sizes, compiled CUDA-graphed steps against
     # eager, an eager 1-GPU torchrun against the plain run. On the CPU they skip, each with its reason.
-    Step("gpu-tests", 110, 180, [[*PYTEST, "-m", "gpu", "tests/"]]),
+    Step("gpu-tests", 100, 180, [[*PYTEST, "-m", "gpu", "tests/"]]),
     # The kernel tests on the GPU (compiled Triton, not the interpreter), less those of the CPU kernel and the
     # host-side chunk arithmetic, which the default test run covers: a GPU step runs only what needs the GPU.
     Step("kernel-tests", 45, 300, [[*PYTEST, "tests/test_kd_loss.py", "-k", "not cpu"]], collect_in_rehearsal=True),
@@ -88,6 +88,9 @@ STEPS = [
          collect_in_rehearsal=True),
     # kd_loss_linear at 8192 × 4096 × 128256 bf16, beside Liger's fused-linear loss where it imports.
     Step("linear-bench", 45, 300, [bench("kd_loss_linear_bench", "benchmarks/test_kd_loss_linear_bench.py")]),
+    # The sharded kd_loss_linear's two FSDP plans on one NCCL rank (gloo on CPU): the CUDA path of the pass and
+    # its collectives; one GPU cannot hold two NCCL ranks, so the bytes saved are the CPU run's (BENCHMARKS.md).
+    Step("sharded-bench", 20, 120, [[PY, "benchmarks/sharded_bench.py", "--ranks", "1"]]),
     # The spaced-KD step: fp32 → bf16 → channels-last → compiled → + CUDA graphs.
     Step("step-bench", 60, 300, [bench("step_bench", "benchmarks/test_step_bench.py")]),
     Step("overhead-bench", 20, 600, [bench("overhead_bench", "benchmarks/test_engine_overhead_bench.py")]),
