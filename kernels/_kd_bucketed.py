@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._kd_common import _effective, _kl, _log_mixture, bad_topk_rows, reduce_rows, reduction_scale, result_dtype, scaled
+from ._kd_common import (
+    _kl,
+    _log_mixture,
+    bad_topk_rows,
+    jsd_ends,
+    reduce_rows,
+    reduction_scale,
+    result_dtype,
+    scaled,
+)
 
 TEACHER_FORMATS = ("logits", "logprobs")
 
@@ -68,32 +77,37 @@ def teacher_buckets(values: Tensor, teacher_format: str, temperature: float) -> 
     return log_q, tail.log()
 
 
-def _bucket_h(log_p: Tensor, log_q: Tensor, divergence: str, beta: float) -> Tensor:
-    """h_b = ∂D/∂log P_b (see the module docstring), 0 where the mass it multiplies is 0."""
+def _bucket_h(log_p: Tensor, log_q: Tensor, divergence: str, beta: Tensor) -> Tensor:
+    """h_b = ∂D/∂log P_b (see the module docstring), 0 where the mass it multiplies is 0. β: a 0-d tensor; JSD's
+    ends (β = 0, 1) are forward and reverse KL, chosen on its value at run time."""
+    q = log_q.exp()
+    forward = torch.where(q != 0, -q, 0.0)
     if divergence == "forward_kl":
-        q = log_q.exp()
-        return torch.where(q != 0, -q, 0.0)
+        return forward
     p = log_p.exp()
+    reverse = torch.where(p != 0, p * (log_p - torch.where(p != 0, log_q, 0.0) + 1), 0.0)
     if divergence == "reverse_kl":
-        return torch.where(p != 0, p * (log_p - torch.where(p != 0, log_q, 0.0) + 1), 0.0)
+        return reverse
     log_m = _log_mixture(log_p, log_q, beta)
-    return torch.where(p != 0, (1 - beta) * p * (log_p - torch.where(p != 0, log_m, 0.0)), 0.0)
+    jsd = torch.where(p != 0, (1 - beta) * p * (log_p - torch.where(p != 0, log_m, 0.0)), 0.0)
+    return jsd_ends(beta, forward, reverse, jsd)
 
 
-def _bucket_divergence(log_p: Tensor, log_q: Tensor, divergence: str, beta: float) -> Tensor:
+def _bucket_divergence(log_p: Tensor, log_q: Tensor, divergence: str, beta: Tensor) -> Tensor:
     if divergence == "forward_kl":
         return _kl(log_q, log_p)
     if divergence == "reverse_kl":
         return _kl(log_p, log_q)
     log_m = _log_mixture(log_p, log_q, beta)
-    return beta * _kl(log_q, log_m) + (1 - beta) * _kl(log_p, log_m)
+    return jsd_ends(beta, _kl(log_q, log_p), _kl(log_p, log_q),
+                    beta * _kl(log_q, log_m) + (1 - beta) * _kl(log_p, log_m))
 
 
 def bucketed_chunk(s: Tensor, indices: Tensor, log_q: Tensor, log_q_tail: Tensor, target: Optional[Tensor], *,
-                   temperature: float, alpha: float, ignore_index: int, divergence: str, jsd_beta: float,
+                   temperature: Tensor, alpha: Tensor, ignore_index: int, divergence: str, jsd_beta: Tensor,
                    write_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """(the chunk's loss rows, ∂rows/∂s in s's dtype or None): α·T²·D(P, Q) + (1 − α)·CE(s, y) per row."""
-    divergence = _effective(divergence, jsd_beta)
+    """(the chunk's loss rows, ∂rows/∂s in s's dtype or None): α·T²·D(P, Q) + (1 − α)·CE(s, y) per row. The float
+    options are 0-d tensors (KDOptions'), never read on the host."""
     compute = result_dtype(s)
     z = s.detach().to(compute) / temperature
     lse = torch.logsumexp(z, 1)
@@ -119,7 +133,8 @@ def bucketed_chunk(s: Tensor, indices: Tensor, log_q: Tensor, log_q_tail: Tensor
     grad = alpha * temperature * grad
     if target is not None:
         grad = grad + (1 - alpha) * log_p1.exp()
-        grad.scatter_add_(1, safe[:, None], torch.full_like(grad[:, :1], alpha - 1))  # − onehot(y), no (chunk, V) copy
+        # − onehot(y), no (chunk, V) copy
+        grad.scatter_add_(1, safe[:, None], torch.zeros_like(grad[:, :1]) + (alpha - 1))
         grad = torch.where(keep[:, None], grad, 0.0)
     return rows, grad.to(s.dtype)
 
@@ -156,21 +171,23 @@ class BucketedLoss(torch.autograd.Function):
         return scaled(grad, grad_loss), None, None, None, None, None, None, None
 
 
-def check_format(teacher_format, options, backend: str) -> bool:
-    """Whether kd_loss_sparse takes the bucketed path; one ValueError per argument that does not fit it."""
+def check_format(teacher_format, divergence: str, temperature, jsd_beta, backend: str) -> bool:
+    """Whether kd_loss_sparse takes the bucketed path (chosen by the format and the divergence's name, never by a
+    value: every divergence but forward KL is bucketed); one ValueError per argument that does not fit it. The
+    value checks (β = 1 is reverse KL, temperature 1) are made on numbers only: a tensor's value is the caller's."""
     if teacher_format not in TEACHER_FORMATS:
         raise ValueError(f"teacher_format must be one of {TEACHER_FORMATS}, got {teacher_format!r}")
-    divergence = _effective(options.divergence, options.jsd_beta)
-    if teacher_format == "logits" and divergence == "reverse_kl":
+    reverse = divergence == "reverse_kl" or divergence == "jsd" and not isinstance(jsd_beta, Tensor) and jsd_beta == 1
+    if teacher_format == "logits" and reverse:
         raise ValueError("divergence='reverse_kl' needs teacher_format='logprobs': a renormalised top-k teacher has "
                          "no mass outside its k classes, so KL(p_s ‖ p_t) is infinite wherever the student has some")
-    if teacher_format == "logprobs" and options.temperature != 1.0:
+    if teacher_format == "logprobs" and not isinstance(temperature, Tensor) and temperature != 1.0:
         raise ValueError(f"temperature must be 1 with teacher_format='logprobs' (the stored log-probabilities are at "
-                         f"T = 1 and the tail's tempered mass is unknown), got {options.temperature!r}")
+                         f"T = 1 and the tail's tempered mass is unknown), got {temperature!r}")
     bucketed = teacher_format == "logprobs" or divergence != "forward_kl"
     if bucketed and backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch' for a bucketed top-k teacher (teacher_format="
-                         f"{teacher_format!r}, divergence={options.divergence!r}), which runs in plain torch; "
+                         f"{teacher_format!r}, divergence={divergence!r}), which runs in plain torch; "
                          f"got {backend!r}")
     return bucketed
 

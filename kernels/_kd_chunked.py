@@ -28,16 +28,16 @@ from ._kd_common import (
     DTYPES,
     OPTIONS_SCHEMA,
     KDOptions,
-    _effective,
     bad_topk_rows,
     check_backend_for_device,
     check_options,
     common_vocabulary,
     first_columns,
     first_rows,
-    kd_loss_reference,
+    option_value,
     reduce_rows,
     reduction_scale,
+    reference_loss,
     result_dtype,
     scaled,
     validate_target,
@@ -127,22 +127,23 @@ def _check_topk_values(indices: Tensor, target: Optional[Tensor], ignore_index: 
 # kd_loss_linear: a torch.library op (opaque to Dynamo) whose forward returns the loss and the parameters' gradients.
 # --------------------------------------------------------------------------------------------------------------------
 
+# scalars: KDOptions.scalars (the float options, read by the kernels at run time).
 _LINEAR_TENSORS = ("hidden", "weight", "bias", "target", "teacher_logits", "teacher_hidden", "teacher_weight",
-                   "teacher_bias", "topk_values", "topk_indices", "row_weights")
+                   "teacher_bias", "topk_values", "topk_indices", "scalars", "row_weights")
 _LINEAR_SCHEMA = ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor? target, Tensor? teacher_logits, "
                   "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, Tensor? topk_values, "
-                  "Tensor? topk_indices, Tensor? row_weights, *, " + OPTIONS_SCHEMA + ", str reduction, int chunk, "
-                  "bool grad_hidden, bool grad_weight, bool grad_bias, str backend) "
+                  "Tensor? topk_indices, Tensor scalars, Tensor? row_weights, *, " + OPTIONS_SCHEMA
+                  + ", str reduction, int chunk, bool grad_hidden, bool grad_weight, bool grad_bias, str backend) "
                   "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
 def _linear_forward_on(chunk_kernel: Callable, hidden, weight, bias, target, teacher_logits, teacher_hidden,
-                       teacher_weight, teacher_bias, topk_values, topk_indices, row_weights, *, reduction, chunk,
-                       grad_hidden, grad_weight, grad_bias, backend, **options):
+                       teacher_weight, teacher_bias, topk_values, topk_indices, scalars, row_weights, *, reduction,
+                       chunk, grad_hidden, grad_weight, grad_bias, backend, **options):
     """(the reduced loss, or the rows for "none"; ∂/∂hidden, ∂/∂weight, ∂/∂bias, each empty unless asked). The
     gradients are those of the reduced loss; for "none", only when row_weights are given (the backward's incoming
     per-row gradients), of Σᵢ wᵢ·ℓᵢ."""
-    options = KDOptions(**options)
+    options = KDOptions(scalars, **options)
     grad_hidden, grad_weight, grad_bias = _made_here(reduction, row_weights, grad_hidden, grad_weight, grad_bias)
     n, vocabulary = hidden.shape[0], weight.shape[0]
     dtype, device = hidden.dtype, hidden.device
@@ -263,14 +264,15 @@ _linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup_
 # kd_loss_sparse: the student's logits given, the teacher as top-k.
 # --------------------------------------------------------------------------------------------------------------------
 
-_SPARSE_SCHEMA = ("(Tensor s, Tensor topk_values, Tensor topk_indices, Tensor? target, *, " + OPTIONS_SCHEMA
+_SPARSE_SCHEMA = ("(Tensor s, Tensor topk_values, Tensor topk_indices, Tensor? target, Tensor scalars, *, "
+                  + OPTIONS_SCHEMA
                   + ", str reduction, int chunk, bool write_grad, str backend) -> (Tensor, Tensor)")
 
 
-def _sparse_forward_on(chunk_kernel: Callable, s, topk_values, topk_indices, target, *, reduction, chunk,
+def _sparse_forward_on(chunk_kernel: Callable, s, topk_values, topk_indices, target, scalars, *, reduction, chunk,
                        write_grad, backend, **options):
     """(the reduced loss, or the rows for "none"; ∂(Σ rows)/∂s, empty unless write_grad)."""
-    options = KDOptions(**options)
+    options = KDOptions(scalars, **options)
     n, vocabulary = s.shape
     rows_per_chunk = min(chunk, n)
     teacher_buffer = torch.empty((rows_per_chunk, vocabulary), dtype=s.dtype, device=s.device)
@@ -286,7 +288,7 @@ _sparse_forward = _registered("fastkd::kd_loss_sparse_forward", _SPARSE_SCHEMA, 
 
 
 @_sparse_forward.register_fake
-def _(s, topk_values, topk_indices, target, *, reduction, write_grad, **fields):
+def _(s, topk_values, topk_indices, target, scalars, *, reduction, write_grad, **fields):
     loss = s.new_empty((s.shape[0],) if reduction == "none" else (), dtype=result_dtype(s))
     return loss, s.new_empty(s.shape if write_grad else (0,))
 
@@ -308,7 +310,7 @@ def _sparse_backward(ctx, grad_loss, _grad_of_grad):
     target = target if ctx.has_target else None
     if ctx.reduction != "none":
         grad_loss = grad_loss * reduction_scale(grad, target, ctx.ignore_index, ctx.reduction)
-    return scaled(grad, grad_loss), None, None, None
+    return scaled(grad, grad_loss), None, None, None, None
 
 
 _sparse_forward.register_autograd(_sparse_backward, setup_context=_sparse_setup_context)
@@ -394,7 +396,8 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
     """
     if any(_sharded.is_dtensor(x) for x in (student_hidden, student_weight, student_bias, teacher_logits,
                                              teacher_hidden, teacher_weight, teacher_bias)):
-        options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
+        options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap,
+                                _sharded.local_device(student_hidden))
         _validate_chunk_size(chunk_size)
         if isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2:
             rows = student_hidden.to_local() if _sharded.is_dtensor(student_hidden) else student_hidden
@@ -443,7 +446,8 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
         values, indices = teacher_topk
         _validate_topk(values, indices, n, vocabulary, device,
                        ("teacher_topk values", "teacher_topk indices", "student_hidden"))
-    options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
+    options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap,
+                            device)
     validate_target(target, n, vocabulary, device, "student_hidden", True, ignore_index)
     _validate_chunk_size(chunk_size)
     if indices is not None:
@@ -459,8 +463,8 @@ def kd_loss_linear(student_hidden: Tensor, student_weight: Tensor, target: Optio
     detached = [x.detach() if x is not None else None
                 for x in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias, values)]
     return _linear_forward(student_hidden, student_weight, student_bias, target, *detached[:4], detached[4], indices,
-                           None, **options.fields(), reduction=reduction, chunk=chunk, grad_hidden=wants[0],
-                           grad_weight=wants[1], grad_bias=wants[2], backend=backend)[0]
+                           options.scalars, None, **options.fields(), reduction=reduction, chunk=chunk,
+                           grad_hidden=wants[0], grad_weight=wants[1], grad_bias=wants[2], backend=backend)[0]
 
 
 def _first_vocabulary(vocab_size, n, weight, bias, teacher_logits, teacher_weight, teacher_bias) -> tuple:
@@ -503,8 +507,9 @@ def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indic
     infinite wherever the student has mass outside K). The bucketed forms run in plain torch, chunk by chunk, with
     backend "auto" or "torch"; forward KL on "logits" is the fused kernel's dense loss, which it equals."""
     if _sharded.is_dtensor(student_logits):
-        options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta)
-        if teacher_format != "logits" or _effective(divergence, jsd_beta) != "forward_kl":
+        options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta,
+                                device=_sharded.local_device(student_logits))
+        if teacher_format != "logits" or divergence != "forward_kl":
             raise ValueError("kd_loss_sparse on sharded student_logits runs the fused form only: forward KL with "
                              f"teacher_format='logits' (got divergence={divergence!r}, jsd_beta={jsd_beta}, "
                              f"teacher_format={teacher_format!r})")
@@ -525,8 +530,9 @@ def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indic
     values, indices = teacher_values, teacher_indices
     _validate_topk(values, indices, n, vocabulary, student_logits.device,
                    ("teacher_values", "teacher_indices", "student_logits"))
-    options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta)
-    bucketed = _bucketed.check_format(teacher_format, options, backend)
+    options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta,
+                            device=student_logits.device)
+    bucketed = _bucketed.check_format(teacher_format, divergence, temperature, jsd_beta, backend)
     validate_target(target, n, vocabulary, student_logits.device, "student_logits", True, ignore_index)
     _validate_chunk_size(chunk_size)
     _check_topk_values(indices, target, ignore_index, vocabulary, "teacher_indices")
@@ -536,12 +542,12 @@ def kd_loss_sparse(student_logits: Tensor, teacher_values: Tensor, teacher_indic
                                      chunk_size or auto_chunk_size(n, vocabulary, torch.float32, student_logits.device))
     if backend == "torch":
         dense = _dense_from_topk(values, indices, vocabulary, student_logits.dtype)
-        return kd_loss_reference(student_logits, dense, target, **options.fields(), reduction=reduction)
+        return reference_loss(student_logits, dense, target, options, reduction)
     check_backend_for_device(student_logits, backend)
     write_grad = student_logits.requires_grad and torch.is_grad_enabled()
     chunk = chunk_size or auto_chunk_size(n, vocabulary, student_logits.dtype, student_logits.device)
-    return _sparse_forward(student_logits, values.detach(), indices, target, **options.fields(), reduction=reduction,
-                           chunk=chunk, write_grad=write_grad, backend=backend)[0]
+    return _sparse_forward(student_logits, values.detach(), indices, target, options.scalars, **options.fields(),
+                           reduction=reduction, chunk=chunk, write_grad=write_grad, backend=backend)[0]
 
 
 def _dense_from_topk(values: Tensor, indices: Tensor, vocabulary: int, dtype: torch.dtype) -> Tensor:
@@ -560,7 +566,7 @@ def _linear_reference(hidden, weight, bias, target, teacher_logits, teacher_hidd
                 teacher_logits = teacher_hidden @ teacher_weight.T + (teacher_bias if teacher_bias is not None else 0)
             else:
                 teacher_logits = _dense_from_topk(values, indices, weight.shape[0], hidden.dtype)
-    return kd_loss_reference(logits, teacher_logits, target, **options.fields(), reduction=reduction)
+    return reference_loss(logits, teacher_logits, target, options, reduction)
 
 
 class KDLinearLoss(nn.Module):
@@ -578,9 +584,10 @@ class KDLinearLoss(nn.Module):
         _validate_chunk_size(chunk_size)
         common_vocabulary(vocab_size, {})
         self.vocab_size = vocab_size
-        self.temperature, self.alpha, self.ignore_index = float(temperature), float(alpha), int(ignore_index)
+        self.temperature, self.alpha = option_value(temperature), option_value(alpha)
+        self.ignore_index = int(ignore_index)
         self.reduction, self.chunk_size, self.backend = reduction, chunk_size, backend
-        self.divergence, self.jsd_beta, self.softcap = divergence, float(jsd_beta), softcap
+        self.divergence, self.jsd_beta, self.softcap = divergence, option_value(jsd_beta), softcap
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, target: Optional[Tensor] = None,
                 **teacher_and_bias) -> Tensor:

@@ -38,37 +38,91 @@ def stats_per_row(divergence: str) -> int:
     return STATS_PER_ROW + DIVERGENCES.index(divergence)
 
 
-@dataclasses.dataclass(frozen=True)
+# The float options, in the order of KDOptions.scalars (the kernels read them by this index).
+SCALARS = ("temperature", "alpha", "jsd_beta", "softcap")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class KDOptions:
-    """The loss's named options. Every op takes them as keyword fields of its schema (OPTIONS_SCHEMA is made from
-    this class), so a new option is one field here, its check in check_options, and its use in the kernels."""
-    temperature: float
-    alpha: float
+    """The loss's named options. The float ones (SCALARS) travel as one float64 tensor `scalars` on the logits'
+    device, which every op takes as a tensor argument and every kernel reads at run time: a new temperature, α, β or
+    cap is a new value in it, never a new compile (of the caller under torch.compile, or of a Triton kernel). The
+    others select code and are keyword fields of the ops' schemas (OPTIONS_SCHEMA is made from them): ignore_index,
+    the divergence, and whether the logits are soft-capped (chosen by softcap being None or not, never by its
+    value)."""
+    scalars: Tensor  # (4,) float64: temperature, alpha, jsd_beta, softcap (1.0 when not capped)
     ignore_index: int
     divergence: str = "forward_kl"
-    jsd_beta: float = 0.5
-    softcap: float = 0.0  # c of c·tanh(z/c) on both logits before the temperature; 0: off (None in the API)
+    softcapped: bool = False  # c·tanh(z/c) on both logits before the temperature, c = softcap
+
+    @property
+    def temperature(self) -> Tensor:
+        return self.scalars[0]
+
+    @property
+    def alpha(self) -> Tensor:
+        return self.scalars[1]
+
+    @property
+    def jsd_beta(self) -> Tensor:
+        return self.scalars[2]
+
+    @property
+    def softcap(self) -> Optional[Tensor]:
+        """The cap c as a 0-d tensor, or None when off."""
+        return self.scalars[3] if self.softcapped else None
 
     def fields(self) -> dict:
+        """The schema's keyword fields (the scalars go as a tensor argument of their own)."""
         # Not dataclasses.asdict: torch 2.11's Dynamo cannot trace it (its deep copy), and kd_loss calls this while
         # being compiled.
-        return {name: getattr(self, name) for name in _OPTION_NAMES}
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
 
 
-_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(KDOptions))
+_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(KDOptions) if field.name != "scalars")
 _SCHEMA_TYPES = {float: "float", int: "int", bool: "bool", str: "str"}
 
 
 def _schema_field(field) -> str:
-    # A field with a default (the options added after the first three) keeps it in the schema, so that a call
-    # naming only the first three still runs forward KL without a soft cap.
+    # A field with a default (the options added after the first) keeps it in the schema, so that a call naming only
+    # ignore_index still runs forward KL without a soft cap.
     text = f"{_SCHEMA_TYPES[field.type]} {field.name}"
     if field.default is dataclasses.MISSING:
         return text
     return text + (f'="{field.default}"' if isinstance(field.default, str) else f"={field.default!r}")
 
 
-OPTIONS_SCHEMA = ", ".join(_schema_field(f) for f in dataclasses.fields(KDOptions))
+OPTIONS_SCHEMA = ", ".join(_schema_field(f) for f in dataclasses.fields(KDOptions) if f.name != "scalars")
+
+
+def option_scalars(device, temperature, alpha, jsd_beta, softcap) -> Tensor:
+    """The (4,) float64 tensor of KDOptions.scalars on `device`, from numbers or 0-d tensors (taken as they are,
+    detached: no gradient reaches an option). softcap None: 1.0 (unused).
+
+    Under torch.compile a number is added to a zero tensor: the one form that keeps a float Dynamo has made
+    symbolic a graph input (torch.full or torch.tensor of it specialise on its value, a recompile per value). An
+    eager call with numbers is one torch.tensor: on CUDA an asynchronous copy, no device sync; while a CUDA graph is
+    being captured (no such copy allowed) the compiled form's fills instead."""
+    values = (temperature, alpha, jsd_beta, 1.0 if softcap is None else softcap)
+    device = torch.device(device)
+    if not torch.compiler.is_compiling() and all(type(v) in (float, int) for v in values) and not (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    return torch.stack([v.detach().to(device=device, dtype=torch.float64).reshape(()) if isinstance(v, Tensor)
+                        else torch.zeros((), dtype=torch.float64, device=device) + v for v in values])
+
+
+def option_value(x):
+    """A float option as a module keeps it: a 0-d tensor as it is, a number as a float."""
+    return x if isinstance(x, Tensor) else float(x)
+
+
+def make_options(device, temperature=1.0, alpha=0.5, ignore_index=-100, divergence="forward_kl", jsd_beta=0.5,
+                 softcap=None) -> KDOptions:
+    """KDOptions on `device`, unchecked (check_options checks, then calls this). softcap None or 0: off."""
+    capped = softcap is not None and (isinstance(softcap, Tensor) or softcap != 0)
+    return KDOptions(option_scalars(device, temperature, alpha, jsd_beta, softcap if capped else None),
+                     int(ignore_index), divergence, capped)
 
 
 def result_dtype(s: Tensor) -> torch.dtype:
@@ -76,9 +130,9 @@ def result_dtype(s: Tensor) -> torch.dtype:
     return torch.float64 if s.dtype == torch.float64 else torch.float32
 
 
-def kernel_scalars(options: KDOptions) -> tuple[float, float, float, float]:
-    """1/T, the divergence's loss and gradient weights, and the cross-entropy weight."""
-    temperature, alpha = options.temperature, options.alpha
+def kernel_scalars(temperature: float, alpha: float) -> tuple[float, float, float, float]:
+    """1/T, the divergence's loss and gradient weights, and the cross-entropy weight (the native kernel's; the
+    Triton kernels make the same from KDOptions.scalars on the device)."""
     return 1.0 / temperature, alpha * temperature * temperature, alpha * temperature, 1.0 - alpha
 
 
@@ -119,9 +173,9 @@ def scaled(grad: Tensor, grad_loss: Tensor) -> Tensor:
 # The plain reference (autograd through log_softmax / cross_entropy).
 # --------------------------------------------------------------------------------------------------------------------
 
-def soft_capped(x: Tensor, softcap: Optional[float]) -> Tensor:
-    """c·tanh(x / c), or x where softcap is None or 0 (off)."""
-    return softcap * torch.tanh(x / softcap) if softcap else x
+def soft_capped(x: Tensor, softcap: Optional[Tensor]) -> Tensor:
+    """c·tanh(x / c), or x where softcap is None (off)."""
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -132,35 +186,45 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     return torch.where(present, terms, 0.0).sum(1)
 
 
-def _log_mixture(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
-    """log(β·q + (1 − β)·p); where both are 0 (masked), 0 rather than logaddexp(-inf, -inf), whose gradient is NaN."""
+def _log_mixture(log_p: Tensor, log_q: Tensor, beta: Tensor) -> Tensor:
+    """log(β·q + (1 − β)·p); where both are 0 (masked), 0 rather than logaddexp(-inf, -inf), whose gradient is NaN.
+    β a 0-d tensor (its logs are -inf at the ends, where the mixture is one of the two)."""
     both_zero = (log_p == -math.inf) & (log_q == -math.inf)
-    return torch.logaddexp(torch.where(both_zero, 0.0, log_q + math.log(beta)),
-                           torch.where(both_zero, 0.0, log_p + math.log1p(-beta)))
+    return torch.logaddexp(torch.where(both_zero, 0.0, log_q + torch.log(beta)),
+                           torch.where(both_zero, 0.0, log_p + torch.log1p(-beta)))
 
 
-def _effective(divergence: str, beta: float) -> str:
-    # JSD's ends are forward and reverse KL by convention (the formula degenerates there).
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        return "forward_kl" if beta == 0.0 else "reverse_kl"
-    return divergence
+def jsd_ends(beta: Tensor, forward: Tensor, reverse: Tensor, jsd: Tensor) -> Tensor:
+    """JSD's ends are forward and reverse KL by convention (the formula degenerates there): chosen on the value of
+    β at run time, exactly, with no host read of it."""
+    return torch.where(beta == 0, forward, torch.where(beta == 1, reverse, jsd))
 
 
-def divergence_rows(s: Tensor, t: Tensor, temperature: float, divergence: str = "forward_kl",
-                    jsd_beta: float = 0.5) -> Tensor:
-    """Per-row divergence between the temperature softmaxes of (already soft-capped) s and t, in their dtype."""
+def divergence_rows(s: Tensor, t: Tensor, temperature: Tensor, divergence: str = "forward_kl",
+                    jsd_beta: Optional[Tensor] = None) -> Tensor:
+    """Per-row divergence between the temperature softmaxes of (already soft-capped) s and t, in their dtype.
+    temperature and jsd_beta: numbers or 0-d tensors."""
     log_p = F.log_softmax(s / temperature, dim=1)
     log_q = F.log_softmax(t / temperature, dim=1)
-    divergence = _effective(divergence, jsd_beta)
     if divergence == "forward_kl":
         return _kl(log_q, log_p)
     if divergence == "reverse_kl":
         return _kl(log_p, log_q)
-    log_m = _log_mixture(log_p, log_q, jsd_beta)
-    return jsd_beta * _kl(log_q, log_m) + (1 - jsd_beta) * _kl(log_p, log_m)
+    beta = torch.as_tensor(jsd_beta, dtype=torch.float64, device=s.device)
+    log_m = _log_mixture(log_p, log_q, beta)
+    jsd = beta * _kl(log_q, log_m) + (1 - beta) * _kl(log_p, log_m)
+    return jsd_ends(beta, _kl(log_q, log_p), _kl(log_p, log_q), jsd)
 
 
-def divergence_grad(s: Tensor, t: Tensor, temperature: float, divergence: str, jsd_beta: float) -> Tensor:
+def _log_ratio_grad(p: Tensor, log_p: Tensor, log_other: Tensor, kl: Optional[Tensor] = None) -> Tensor:
+    """p·(log(p/o) − KL(p ‖ o)) per element, 0 where p is 0; kl None: summed over the classes given."""
+    log_ratio = torch.where(p != 0, log_p - log_other, 0.0)
+    if kl is None:
+        kl = torch.where(p != 0, p * log_ratio, 0.0).sum(1, keepdim=True)
+    return torch.where(p != 0, p * (log_ratio - kl), 0.0)
+
+
+def divergence_grad(s: Tensor, t: Tensor, temperature: Tensor, divergence: str, jsd_beta: Tensor) -> Tensor:
     """∂D/∂(s/T) of divergence_rows in closed form (p = softmax(s/T), q = softmax(t/T)): p − q; reverse KL
     p·(log(p/q) − KL(p ‖ q)); JSD (1 − β)·p·(log(p/m) − KL(p ‖ m)). 0 where p is 0."""
     log_p = F.log_softmax(s / temperature, dim=1)
@@ -168,20 +232,19 @@ def divergence_grad(s: Tensor, t: Tensor, temperature: float, divergence: str, j
     return divergence_grad_from_logs(log_p, log_q, divergence, jsd_beta)
 
 
-def divergence_grad_from_logs(log_p: Tensor, log_q: Tensor, divergence: str, jsd_beta: float,
+def divergence_grad_from_logs(log_p: Tensor, log_q: Tensor, divergence: str, jsd_beta,
                               kl: Optional[Tensor] = None) -> Tensor:
     """divergence_grad from the log-probabilities. kl (rows, 1): the row's KL(p ‖ q) (reverse KL) or KL(p ‖ m)
     (JSD) when log_p and log_q hold only some of the classes (a vocabulary shard); None: summed here."""
     p = log_p.exp()
-    divergence = _effective(divergence, jsd_beta)
     if divergence == "forward_kl":
         return p - log_q.exp()
-    log_other = log_q if divergence == "reverse_kl" else _log_mixture(log_p, log_q, jsd_beta)
-    log_ratio = torch.where(p != 0, log_p - log_other, 0.0)
-    if kl is None:
-        kl = torch.where(p != 0, p * log_ratio, 0.0).sum(1, keepdim=True)
-    weight = 1.0 if divergence == "reverse_kl" else 1 - jsd_beta
-    return weight * torch.where(p != 0, p * (log_ratio - kl), 0.0)
+    if divergence == "reverse_kl":
+        return _log_ratio_grad(p, log_p, log_q, kl)
+    beta = torch.as_tensor(jsd_beta, dtype=torch.float64, device=log_p.device)
+    jsd = (1 - beta) * _log_ratio_grad(p, log_p, _log_mixture(log_p, log_q, beta), kl)
+    # At β = 1 the mixture is q, so a given kl (KL(p ‖ m)) is KL(p ‖ q) there too.
+    return jsd_ends(beta, p - log_q.exp(), _log_ratio_grad(p, log_p, log_q, kl), jsd)
 
 
 def reference_rows(s: Tensor, t: Tensor, target: Optional[Tensor], options: KDOptions) -> Tensor:
@@ -211,19 +274,21 @@ def reference_grad(s: Tensor, t: Tensor, target: Optional[Tensor], options: KDOp
         keep = target != ignore_index
         onehot = F.one_hot(torch.where(keep, target, 0), s.shape[1]).to(compute)
         grad = torch.where(keep[:, None], grad + (1 - alpha) * (torch.softmax(s32, dim=1) - onehot), 0.0)
-    if options.softcap:
+    if options.softcapped:
         grad = grad * (1 - torch.tanh(s_raw / options.softcap) ** 2)
     return grad
 
 
+def reference_loss(s: Tensor, t: Tensor, target: Optional[Tensor], options: KDOptions, reduction: str) -> Tensor:
+    return reduce_rows(reference_rows(s, t, target, options), target, options.ignore_index, reduction)
+
+
 def kd_loss_reference(student_logits, teacher_logits, target=None, *, temperature=1.0, alpha=0.5,
                       ignore_index=-100, reduction="mean", divergence="forward_kl", jsd_beta=0.5, softcap=None):
-    """The plain torch reference with autograd: same contract as `kd_loss`, no validation of target values
-    (softcap None or 0: off)."""
-    options = KDOptions(float(temperature), float(alpha), int(ignore_index), divergence, float(jsd_beta),
-                        float(softcap or 0.0))
-    rows = reference_rows(student_logits, teacher_logits, target, options)
-    return reduce_rows(rows, target, options.ignore_index, reduction)
+    """The plain torch reference with autograd: same contract as `kd_loss` (temperature, alpha, jsd_beta and
+    softcap numbers or 0-d tensors), no validation of target values (softcap None or 0: off)."""
+    options = make_options(student_logits.device, temperature, alpha, ignore_index, divergence, jsd_beta, softcap)
+    return reference_loss(student_logits, teacher_logits, target, options, reduction)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -253,10 +318,30 @@ def _finite(x) -> bool:
     return x - x == 0
 
 
-def validate_hyperparameters(temperature, alpha, reduction, backend) -> None:
-    if not isinstance(temperature, (int, float)) or not _finite(temperature) or temperature <= 0:
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_scalar_tensor(x, name: str, device) -> bool:
+    """Whether x is a tensor option (then checked: 0-d, floating, on `device` if given). Its value is not read (a
+    host sync on CUDA, a graph break under torch.compile): in range is the caller's responsibility."""
+    if not isinstance(x, Tensor):
+        return False
+    if x.dim() != 0 or not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a number or a 0-d floating tensor, got a tensor of shape {tuple(x.shape)} "
+                         f"and dtype {x.dtype}")
+    if device is not None and x.device != torch.device(device):
+        raise ValueError(f"{name} is a tensor on {x.device} but the logits are on {torch.device(device)}")
+    return True
+
+
+def validate_hyperparameters(temperature, alpha, reduction, backend, device=None) -> None:
+    """Numbers are range-checked; 0-d tensors only for shape, dtype and device (their values are not read)."""
+    if not _check_scalar_tensor(temperature, "temperature", device) and (
+            not isinstance(temperature, (int, float)) or not _finite(temperature) or temperature <= 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    if not _check_scalar_tensor(alpha, "alpha", device) and (
+            not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -264,23 +349,26 @@ def validate_hyperparameters(temperature, alpha, reduction, backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def validate_divergence(divergence, jsd_beta, softcap) -> None:
+def validate_divergence(divergence, jsd_beta, softcap, device=None) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if isinstance(jsd_beta, bool) or not isinstance(jsd_beta, (int, float)) or not 0.0 <= jsd_beta <= 1.0:
+    if not _check_scalar_tensor(jsd_beta, "jsd_beta", device) and (
+            not _is_number(jsd_beta) or not 0.0 <= jsd_beta <= 1.0):
         raise ValueError(f"jsd_beta must be a number in [0, 1], got {jsd_beta!r}")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not _finite(softcap) or softcap <= 0):
+    if softcap is not None and not _check_scalar_tensor(softcap, "softcap", device) and (
+            not _is_number(softcap) or not _finite(softcap) or softcap <= 0):
         raise ValueError(f"softcap must be None (off) or a finite number > 0, got {softcap!r}")
 
 
 def check_options(temperature, alpha, ignore_index, reduction, backend, divergence="forward_kl", jsd_beta=0.5,
-                  softcap=None) -> KDOptions:
-    """The checked options, in the types the op schemas take (softcap None as 0.0)."""
-    validate_hyperparameters(temperature, alpha, reduction, backend)
-    validate_divergence(divergence, jsd_beta, softcap)
-    return KDOptions(float(temperature), float(alpha), int(ignore_index), divergence, float(jsd_beta),
-                     0.0 if softcap is None else float(softcap))
+                  softcap=None, device=None) -> KDOptions:
+    """The checked options, their scalars on `device` (the logits'; None: the CPU, for a check alone).
+    temperature, alpha, jsd_beta and softcap: numbers (range-checked here) or 0-d floating tensors on `device`
+    (taken as they are: their values are the caller's responsibility, as reading them would be a host sync)."""
+    validate_hyperparameters(temperature, alpha, reduction, backend, device)
+    validate_divergence(divergence, jsd_beta, softcap, device)
+    return make_options("cpu" if device is None else device, temperature, alpha, ignore_index, divergence, jsd_beta,
+                        softcap)
 
 
 def validate_target(target, n: int, num_classes: int, device, rows_name: str, check_values: bool,

@@ -6,7 +6,7 @@ import torch
 import triton
 
 from . import _kd_loss_triton as _tk
-from ._kd_common import DIVERGENCES, KDOptions, kernel_scalars
+from ._kd_common import DIVERGENCES, KDOptions
 
 
 def _row_launch(c: int, flags: dict) -> Optional[dict]:
@@ -24,30 +24,31 @@ def _contiguous_target(target):
     return target.contiguous() if target is not None else None
 
 
-def _divergence_args(divergence: str, jsd_beta: float, softcap: float) -> dict:
-    # β and the cap are runtime arguments (no recompile per value); the divergence and whether to cap select code.
-    return dict(beta=float(jsd_beta), softcap=float(softcap) if softcap else 1.0,
-                DIVERGENCE=DIVERGENCES.index(divergence), SOFTCAP=bool(softcap))
+def _flags(options: KDOptions) -> dict:
+    # The divergence and whether to cap select code; their values (β, the cap) are read by the kernel from the
+    # scalars, at run time, as are the temperature and α: no recompile per value, no host read of any.
+    return dict(DIVERGENCE=DIVERGENCES.index(options.divergence), SOFTCAP=options.softcapped)
 
 
-def launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad=None, stats=None, scale=None, *,
-                     divergence="forward_kl", jsd_beta=0.5, softcap=0.0):
+def _scalars(options: KDOptions, device):
+    """KDOptions.scalars as the kernels read them: contiguous float64 on the logits' device."""
+    return options.scalars.to(device=device, dtype=torch.float64).contiguous()
+
+
+def launch_kd_kernel(s, t, target, options: KDOptions, rows, grad=None, stats=None, scale=None):
     """Fill `rows` (N,) with the per-row losses; if given, `stats` (N, stats_per_row(divergence)) with the
     backward's statistics and `grad` (N, C) contiguous with ∂ℓ/∂s times `scale` (a 0-d float32 device tensor; 1 if
-    None). softcap 0 (or None): off."""
+    None)."""
     n, c = s.shape
     target = _contiguous_target(target)
     write_grad, store_stats = grad is not None, stats is not None
     if write_grad and scale is None:
         scale = torch.ones((), dtype=torch.float32, device=s.device)
     unused = rows  # a pointer the kernel never touches when its feature is off
-    inv_t, kl_loss_scale, kl_grad_scale, ce_weight = kernel_scalars(KDOptions(temperature, alpha, ignore_index))
     args = (s, t, target if target is not None else unused, rows, stats if store_stats else unused,
-            grad if write_grad else unused, scale if write_grad else unused,
-            c, s.stride(0), s.stride(1), t.stride(0), t.stride(1),
-            inv_t, kl_loss_scale, kl_grad_scale, ce_weight, ignore_index)
-    flags = dict(HAS_TARGET=target is not None, STORE_STATS=store_stats, WRITE_GRAD=write_grad,
-                 **_divergence_args(divergence, jsd_beta, softcap))
+            grad if write_grad else unused, scale if write_grad else unused, _scalars(options, s.device),
+            c, s.stride(0), s.stride(1), t.stride(0), t.stride(1), options.ignore_index)
+    flags = dict(HAS_TARGET=target is not None, STORE_STATS=store_stats, WRITE_GRAD=write_grad, **_flags(options))
     single = _row_launch(c, flags)
     if single is not None:
         _tk.kd_loss_fwd_kernel[(n,)](*args, **flags, **single)
@@ -58,16 +59,13 @@ def launch_kd_kernel(s, t, target, temperature, alpha, ignore_index, rows, grad=
         _tk.kd_loss_fwd_stream_kernel[(n,)](*args, **flags, SINGLE_BLOCK=False)
 
 
-def launch_kd_backward(s, t, target, stats, grad_rows, temperature, alpha, ignore_index, grad, *,
-                       divergence="forward_kl", jsd_beta=0.5, softcap=0.0):
+def launch_kd_backward(s, t, target, stats, grad_rows, options: KDOptions, grad):
     """Fill `grad` (N, C) contiguous with grad_rows[i] · ∂ℓᵢ/∂sᵢ from the forward's `stats`."""
     n, c = s.shape
     target = _contiguous_target(target)
-    inv_t, _, kl_grad_scale, ce_weight = kernel_scalars(KDOptions(temperature, alpha, ignore_index))
-    args = (s, t, target if target is not None else stats, stats, grad_rows, grad,
-            c, s.stride(0), s.stride(1), t.stride(0), t.stride(1),
-            inv_t, kl_grad_scale, ce_weight, ignore_index)
-    flags = dict(HAS_TARGET=target is not None, **_divergence_args(divergence, jsd_beta, softcap))
+    args = (s, t, target if target is not None else stats, stats, grad_rows, grad, _scalars(options, s.device),
+            c, s.stride(0), s.stride(1), t.stride(0), t.stride(1), options.ignore_index)
+    flags = dict(HAS_TARGET=target is not None, **_flags(options))
     single = _row_launch(c, flags)
     if single is not None:
         _tk.kd_loss_bwd_kernel[(n,)](*args, **flags, **single)

@@ -15,8 +15,13 @@ Masked classes (-inf) are handled explicitly: a running max of -inf is replaced 
 exp(-inf - (-inf)) never produces NaN, and p·log p is taken as 0 where p is 0. NaN inputs propagate into the loss.
 Gradients are stored rounded to nearest even in bfloat16 and float16, on the GPU and under the interpreter alike.
 
-Divergences (DIVERGENCE, a constexpr; β = jsd_beta and the soft-cap value are runtime arguments, so changing them
-never recompiles), with p = softmax(s/T), q = softmax(t/T) and δ = (t − s)/T:
+The float options (temperature, α, β = jsd_beta, the soft cap c) are read at run time from one float64 tensor on the
+device (KDOptions.scalars): a new value never recompiles, is never read on the host, and a CUDA graph replays with
+whatever the tensor holds. Each program reads T (8 bytes) at its start, T and α (16 bytes) where the loss or
+gradient weights are needed (again for every block of a streamed gradient), β (8) for JSD and c (8) with SOFTCAP.
+
+Divergences (DIVERGENCE, a constexpr; SOFTCAP likewise, chosen by whether a cap is given, not by its value),
+with p = softmax(s/T), q = softmax(t/T) and δ = (t − s)/T:
 * FORWARD_KL: KL(q ‖ p), as above; ∂/∂(s/T) = p − q.
 * REVERSE_KL: KL(p ‖ q), the same shifted form with the roles swapped (E_p[−δ] + log E_p[e^δ]), in the same single
   pass; ∂/∂(s/T) = p·(−δ − E_p[−δ]). Its backward keeps E_p[−δ] as a fourth statistic.
@@ -72,6 +77,42 @@ def _tanh(x):
     th = tl.where(near, a * (1.0 - a2 * (1.0 / 3 - a2 * (2.0 / 15 - a2 * (17.0 / 315)))), (1.0 - e) / (1.0 + e))
     slope = tl.where(near, 1.0 - th * th, 4.0 * e / ((1.0 + e) * (1.0 + e)))
     return tl.where(x < 0, -th, th), slope
+
+
+@triton.jit
+def _load_scale_options(scalars_ptr, SOFTCAP: tl.constexpr):
+    """(1/T, c) in float32 from KDOptions.scalars (float64: T, α, β, c), rounded once, as a float argument computed
+    on the host would be; c = 1.0 (unused) without SOFTCAP. Needed from the row's first element on."""
+    inv_t = (1.0 / tl.load(scalars_ptr)).to(tl.float32)
+    if SOFTCAP:
+        softcap = tl.load(scalars_ptr + 3).to(tl.float32)
+    else:
+        softcap = tl.full((), 1.0, tl.float32)
+    return inv_t, softcap
+
+
+@triton.jit
+def _load_weights(scalars_ptr):
+    """(α·T², α·T, 1 − α) in float32, the products taken in float64 and rounded once. Loaded where needed, not at
+    the start: volatile, so that the compiler neither merges them with the first load of T nor hoists them, which
+    would hold three more registers through the row's loops (a streamed gradient loop reloads them each block, 16
+    bytes a block: without that, some streamed variants spill)."""
+    temperature = tl.load(scalars_ptr, volatile=True)
+    alpha = tl.load(scalars_ptr + 1, volatile=True)
+    kl_loss_scale = (alpha * temperature * temperature).to(tl.float32)
+    kl_grad_scale = (alpha * temperature).to(tl.float32)
+    ce_weight = (1.0 - alpha).to(tl.float32)
+    return kl_loss_scale, kl_grad_scale, ce_weight
+
+
+@triton.jit
+def _load_beta(scalars_ptr, DIVERGENCE: tl.constexpr):
+    """JSD's β in float32 (0.0, not loaded, for the other divergences)."""
+    if DIVERGENCE == 2:
+        beta = tl.load(scalars_ptr + 2).to(tl.float32)
+    else:
+        beta = tl.full((), 0.0, tl.float32)
+    return beta
 
 
 @triton.jit
@@ -164,8 +205,8 @@ def _store_grad_block(g_row, cols, mask, s, t, slope, lse_s_t, lse_t_t, lse_1, e
 
 
 @triton.jit
-def _stream_grad_row(s_row, t_row, g_row, C, s_stride_c, t_stride_c, lse_s_t, lse_t_t, lse_1, extra, gap, y,
-                     scale, inv_t, kl_grad_scale, ce_weight, beta, softcap, keep, HAS_TARGET: tl.constexpr,
+def _stream_grad_row(scalars_ptr, s_row, t_row, g_row, C, s_stride_c, t_stride_c, lse_s_t, lse_t_t, lse_1, extra,
+                     gap, y, scale, inv_t, beta, softcap, keep, HAS_TARGET: tl.constexpr,
                      BLOCK: tl.constexpr, DIVERGENCE: tl.constexpr, SOFTCAP: tl.constexpr):
     """A wide row's gradient, block by block: one read of s and t, one write of ∂s."""
     cols = tl.arange(0, BLOCK)
@@ -174,6 +215,7 @@ def _stream_grad_row(s_row, t_row, g_row, C, s_stride_c, t_stride_c, lse_s_t, ls
         mask = c < C
         s, slope = _load_logits(s_row, c, s_stride_c, mask, softcap, SOFTCAP)
         t, _ = _load_logits(t_row, c, t_stride_c, mask, softcap, SOFTCAP)
+        _, kl_grad_scale, ce_weight = _load_weights(scalars_ptr)
         _store_grad_block(g_row, c, mask, s, t, slope, lse_s_t, lse_t_t, lse_1, extra, gap, y, scale, inv_t,
                           kl_grad_scale, ce_weight, beta, keep, HAS_TARGET, DIVERGENCE)
 
@@ -221,13 +263,13 @@ def _kl(q, p, d_s, d_t, m_s, m_t, shift):
 
 @triton.jit
 def kd_loss_fwd_kernel(
-    s_ptr, t_ptr, y_ptr, loss_ptr, stats_ptr, g_ptr, scale_ptr,
-    C, s_stride_r, s_stride_c, t_stride_r, t_stride_c,
-    inv_t, kl_loss_scale, kl_grad_scale, ce_weight, ignore_index,
+    s_ptr, t_ptr, y_ptr, loss_ptr, stats_ptr, g_ptr, scale_ptr, scalars_ptr,
+    C, s_stride_r, s_stride_c, t_stride_r, t_stride_c, ignore_index,
     HAS_TARGET: tl.constexpr, STORE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-    BLOCK: tl.constexpr, beta=0.0, softcap=1.0, DIVERGENCE: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
+    BLOCK: tl.constexpr, DIVERGENCE: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_t, softcap = _load_scale_options(scalars_ptr, SOFTCAP)
     s_row = s_ptr + row * s_stride_r
     t_row = t_ptr + row * t_stride_r
     y, keep, poison, s_y = _load_target(y_ptr, s_row, row, C, s_stride_c, ignore_index, softcap, HAS_TARGET,
@@ -281,6 +323,8 @@ def kd_loss_fwd_kernel(
                 d_1 = d_1 * tl.exp(m_1 - new_1) + tl.sum(tl.exp(s - new_1), 0)
                 m_1 = new_1
 
+    kl_loss_scale, kl_grad_scale, ce_weight = _load_weights(scalars_ptr)
+    beta = _load_beta(scalars_ptr, DIVERGENCE)
     extra = 0.0  # the backward's fourth statistic (see _divergence_grad)
     gap = 0.0  # lse(t/T) − lse(s/T), JSD's
     if DIVERGENCE == 0:
@@ -337,21 +381,20 @@ def kd_loss_fwd_kernel(
             _store_grad_block(g_row, cols, cols < C, s, t, slope, lse_s_t, lse_t_t, lse_1, extra, gap, y, scale,
                               inv_t, kl_grad_scale, ce_weight, beta, keep, HAS_TARGET, DIVERGENCE)
         else:
-            _stream_grad_row(s_row, t_row, g_row, C, s_stride_c, t_stride_c, lse_s_t, lse_t_t, lse_1, extra, gap,
-                             y, scale, inv_t, kl_grad_scale, ce_weight, beta, softcap, keep, HAS_TARGET, BLOCK,
-                             DIVERGENCE, SOFTCAP)
+            _stream_grad_row(scalars_ptr, s_row, t_row, g_row, C, s_stride_c, t_stride_c, lse_s_t, lse_t_t, lse_1,
+                             extra, gap, y, scale, inv_t, beta, softcap, keep, HAS_TARGET, BLOCK, DIVERGENCE, SOFTCAP)
 
 
 @triton.jit
 def kd_loss_bwd_kernel(
-    s_ptr, t_ptr, y_ptr, stats_ptr, grad_rows_ptr, g_ptr,
-    C, s_stride_r, s_stride_c, t_stride_r, t_stride_c,
-    inv_t, kl_grad_scale, ce_weight, ignore_index,
+    s_ptr, t_ptr, y_ptr, stats_ptr, grad_rows_ptr, g_ptr, scalars_ptr,
+    C, s_stride_r, s_stride_c, t_stride_r, t_stride_c, ignore_index,
     HAS_TARGET: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
-    beta=0.0, softcap=1.0, DIVERGENCE: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
+    DIVERGENCE: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
 ):
     """∂s = grad_rows[i] · ∂ℓᵢ/∂sᵢ from the forward's saved statistics: one read of s and t, one write of ∂s."""
     row = tl.program_id(0).to(tl.int64)
+    inv_t, softcap = _load_scale_options(scalars_ptr, SOFTCAP)
     s_row = s_ptr + row * s_stride_r
     t_row = t_ptr + row * t_stride_r
     g_row = g_ptr + row * C
@@ -372,17 +415,18 @@ def kd_loss_bwd_kernel(
     if DIVERGENCE == 2:
         gap = tl.load(stats_row + 4)
     scale = tl.load(grad_rows_ptr + row)
+    beta = _load_beta(scalars_ptr, DIVERGENCE)
     cols = tl.arange(0, BLOCK)
     if SINGLE_BLOCK:
+        _, kl_grad_scale, ce_weight = _load_weights(scalars_ptr)
         mask = cols < C
         s, slope = _load_logits(s_row, cols, s_stride_c, mask, softcap, SOFTCAP)
         t, _ = _load_logits(t_row, cols, t_stride_c, mask, softcap, SOFTCAP)
         _store_grad_block(g_row, cols, mask, s, t, slope, lse_s_t, lse_t_t, lse_1, extra, gap, y, scale, inv_t,
                           kl_grad_scale, ce_weight, beta, keep, HAS_TARGET, DIVERGENCE)
     else:
-        _stream_grad_row(s_row, t_row, g_row, C, s_stride_c, t_stride_c, lse_s_t, lse_t_t, lse_1, extra, gap, y,
-                         scale, inv_t, kl_grad_scale, ce_weight, beta, softcap, keep, HAS_TARGET, BLOCK, DIVERGENCE,
-                         SOFTCAP)
+        _stream_grad_row(scalars_ptr, s_row, t_row, g_row, C, s_stride_c, t_stride_c, lse_s_t, lse_t_t, lse_1, extra,
+                         gap, y, scale, inv_t, beta, softcap, keep, HAS_TARGET, BLOCK, DIVERGENCE, SOFTCAP)
 
 
 # The streaming path on a GPU picks its block and warps by autotuning per C. Only ever launched with a live

@@ -1,7 +1,9 @@
 """The dense kd_loss operator, registered once with torch.library: its CPU kernel (the native one, kd_loss_cpu.cpp),
 its CUDA kernel (Triton), its fake for tracing and its autograd. The dispatcher picks the kernel by device; the
-op's keyword fields are the loss's named options (KDOptions), the reduction and the gradient to make by name, and the
-backend the caller asked for. The one choice not made by device: backend="triton" on CPU tensors (the Triton
+loss's float options (temperature, α, β, the cap) are one float64 tensor argument `scalars` on the logits' device,
+read by the kernels at run time (a new value is never a recompile); the op's keyword fields are the options that
+select code (KDOptions.fields()), the reduction and the gradient to make by name, and the backend the caller asked
+for. The one choice not made by device: backend="triton" on CPU tensors (the Triton
 interpreter, for tests) is taken by the CPU kernel from that field. Also the per-device chunk kernels of the chunked
 ops (_kd_chunked).
 
@@ -40,11 +42,6 @@ def _launch():
     return _kd_launch
 
 
-def _divergence(options: KDOptions) -> dict:
-    """The divergence's options, as the launchers and the native kernel take them."""
-    return dict(divergence=options.divergence, jsd_beta=options.jsd_beta, softcap=options.softcap)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The three implementations of one forward: (the reduced loss, or the rows for "none"; stats; gradient).
 # --------------------------------------------------------------------------------------------------------------------
@@ -56,9 +53,8 @@ def _triton_forward(s, t, target, options: KDOptions, reduction: str, gradient: 
                         device=s.device)
     grad = torch.empty((n, c) if gradient == FUSED else (0,), dtype=s.dtype, device=s.device)
     scale = reduction_scale(s, target, options.ignore_index, reduction) if gradient == FUSED else None
-    _launch().launch_kd_kernel(s, t, target, options.temperature, options.alpha, options.ignore_index, rows,
-                               grad if gradient == FUSED else None, stats if gradient == STATS else None, scale,
-                               **_divergence(options))
+    _launch().launch_kd_kernel(s, t, target, options, rows, grad if gradient == FUSED else None,
+                               stats if gradient == STATS else None, scale)
     return reduce_rows(rows, target, options.ignore_index, reduction), stats, grad
 
 
@@ -77,8 +73,11 @@ def _native_forward(s, t, target, options: KDOptions, reduction: str, gradient: 
         grad = s.new_empty(0)
     else:
         grad = torch.empty((n, c), dtype=s.dtype) if grad_out is None else grad_out
-    _cpu.run(s, t, target, *kernel_scalars(options), options.ignore_index, reduction, rows, reduced,
-             grad if write_grad else None, **_divergence(options))
+    # The CPU tensor of scalars is read here, inside the op: no device sync, and opaque to a compiled caller.
+    temperature, alpha, jsd_beta, softcap = options.scalars.tolist()
+    _cpu.run(s, t, target, *kernel_scalars(temperature, alpha), options.ignore_index, reduction, rows, reduced,
+             grad if write_grad else None, divergence=options.divergence, jsd_beta=jsd_beta,
+             softcap=softcap if options.softcapped else 0.0)
     return rows if reduction == "none" else reduced, s.new_empty(0, dtype=torch.float32), grad
 
 
@@ -131,60 +130,62 @@ def implementation(device_type: str, backend: str):
 _FIELDS = f"{OPTIONS_SCHEMA}, str reduction, str gradient, str backend"
 
 
-def _forward_cpu(s, t, target, *, reduction, gradient, backend, **options):
-    return _cpu_implementation(backend)(s, t, target, KDOptions(**options), reduction, gradient)
+def _forward_cpu(s, t, target, scalars, *, reduction, gradient, backend, **options):
+    return _cpu_implementation(backend)(s, t, target, KDOptions(scalars, **options), reduction, gradient)
 
 
-def _forward_cuda(s, t, target, *, reduction, gradient, backend, **options):
-    return _triton_forward(s, t, target, KDOptions(**options), reduction, gradient)
+def _forward_cuda(s, t, target, scalars, *, reduction, gradient, backend, **options):
+    return _triton_forward(s, t, target, KDOptions(scalars, **options), reduction, gradient)
 
 
+# scalars: KDOptions.scalars, (4,) float64 on the logits' device.
 # Outputs: the reduced loss (the per-row losses for "none"); for gradient "stats" the (N, 3) log-sum-exps; for
 # "grad" and "fused" the (N, C) gradient of the reduced loss. Unused outputs are empty.
 kd_loss_forward = torch.library.custom_op(
     "fastkd::kd_loss_forward", _forward_cpu, mutates_args=(), device_types="cpu",
-    schema=f"(Tensor s, Tensor t, Tensor? target, *, {_FIELDS}) -> (Tensor, Tensor, Tensor)")
+    schema=f"(Tensor s, Tensor t, Tensor? target, Tensor scalars, *, {_FIELDS}) -> (Tensor, Tensor, Tensor)")
 kd_loss_forward.register_kernel("cuda")(_forward_cuda)
 
 
 @kd_loss_forward.register_fake
-def _(s, t, target, *, reduction, gradient, backend, **options):
+def _(s, t, target, scalars, *, reduction, gradient, backend, **options):
     n, c = s.shape
     # (KDOptions fills in the fields left at their defaults, which the dispatcher does not pass on.)
-    divergence = KDOptions(**options).divergence
+    divergence = KDOptions(scalars, **options).divergence
     stats = s.new_empty((n, stats_per_row(divergence)) if gradient == STATS else (0,), dtype=torch.float32)
     grad = s.new_empty((n, c) if gradient in (GRAD, FUSED) else (0,))
     return s.new_empty((n,) if reduction == "none" else (), dtype=result_dtype(s)), stats, grad
 
 
-def _backward_kernel(s, t, target, stats, grad_rows, **options):
-    return recomputed_grad(s, t, target, stats, grad_rows, KDOptions(**options))
+def _backward_kernel(s, t, target, stats, grad_rows, scalars, **options):
+    return recomputed_grad(s, t, target, stats, grad_rows, KDOptions(scalars, **options))
 
 
 # The Triton backward kernel (gradient "stats" only): on CUDA, and on CPU tensors under the interpreter.
 kd_loss_backward = torch.library.custom_op(
     "fastkd::kd_loss_backward", _backward_kernel, mutates_args=(),
-    schema=f"(Tensor s, Tensor t, Tensor? target, Tensor stats, Tensor grad_rows, *, {OPTIONS_SCHEMA}) -> Tensor")
+    schema=f"(Tensor s, Tensor t, Tensor? target, Tensor stats, Tensor grad_rows, Tensor scalars, *, "
+           f"{OPTIONS_SCHEMA}) -> Tensor")
 
 
 @kd_loss_backward.register_fake
-def _(s, t, target, stats, grad_rows, **options):
+def _(s, t, target, stats, grad_rows, scalars, **options):
     return torch.empty_like(s, memory_format=torch.contiguous_format)
 
 
 def recomputed_grad(s, t, target, stats, grad_rows, options: KDOptions) -> Tensor:
     """grad_rows[i] · ∂ℓᵢ/∂sᵢ, recomputed by the Triton backward kernel from the saved log-sum-exps."""
     grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-    _launch().launch_kd_backward(s, t, target, stats, grad_rows.to(torch.float32).contiguous(), options.temperature,
-                                 options.alpha, options.ignore_index, grad, **_divergence(options))
+    _launch().launch_kd_backward(s, t, target, stats, grad_rows.to(torch.float32).contiguous(), options, grad)
     return grad
 
 
 def save_for_backward(ctx, s, t, target, output, options: KDOptions, reduction: str, gradient: str) -> None:
     """What the backward needs of a forward call (the op's setup_context and the eager Function share it)."""
-    ctx.options, ctx.reduction, ctx.gradient = options, reduction, gradient
+    # The scalars are saved as a tensor (with the statistics, which need them), the other options as fields.
+    ctx.fields, ctx.reduction, ctx.gradient = options.fields(), reduction, gradient
     if gradient == STATS:
-        ctx.save_for_backward(s, t, target, output[1])
+        ctx.save_for_backward(s, t, target, output[1], options.scalars)
     else:
         ctx.save_for_backward(output[2])
 
@@ -193,7 +194,8 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
     fields = dict(keyword_only_inputs)
     reduction, gradient = fields.pop("reduction"), fields.pop("gradient")
     fields.pop("backend")
-    save_for_backward(ctx, *inputs, output, KDOptions(**fields), reduction, gradient)
+    s, t, target, scalars = inputs
+    save_for_backward(ctx, s, t, target, output, KDOptions(scalars, **fields), reduction, gradient)
 
 
 def row_gradients(ctx, grad_loss, s, target):
@@ -201,7 +203,7 @@ def row_gradients(ctx, grad_loss, s, target):
     ∂(reduced loss)/∂(row loss), expanded to the N rows."""
     if ctx.reduction == "none":
         return grad_loss
-    scale = reduction_scale(s, target, ctx.options.ignore_index, ctx.reduction)
+    scale = reduction_scale(s, target, ctx.fields["ignore_index"], ctx.reduction)
     return (grad_loss * scale).expand(s.shape[0])
 
 
@@ -219,9 +221,9 @@ def student_gradient(ctx, grad_loss) -> Tensor:
         raise RuntimeError("kd_loss: backward through a call made without a student gradient "
                            "(student_logits did not require grad)")
     if ctx.gradient == STATS:
-        s, t, target, stats = ctx.saved_tensors
-        return kd_loss_backward(s, t, target, stats, row_gradients(ctx, grad_loss, s, target),
-                                **ctx.options.fields())
+        s, t, target, stats, scalars = ctx.saved_tensors
+        return kd_loss_backward(s, t, target, stats, row_gradients(ctx, grad_loss, s, target), scalars,
+                                **ctx.fields)
     if ctx.gradient == GRAD:
         (grad,) = ctx.saved_tensors
         return scaled(grad, grad_loss)
@@ -230,7 +232,7 @@ def student_gradient(ctx, grad_loss) -> Tensor:
 
 
 def _backward(ctx, grad_loss, _grad_of_stats, _grad_of_grad):
-    return student_gradient(ctx, grad_loss), None, None
+    return student_gradient(ctx, grad_loss), None, None, None
 
 
 kd_loss_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -242,8 +244,7 @@ kd_loss_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def _triton_chunk(s, t, y, options: KDOptions, write_grad: bool, grad_out: Optional[Tensor], backend: str):
     rows = torch.empty(s.shape[0], dtype=result_dtype(s), device=s.device)
-    _launch().launch_kd_kernel(s, t, y, options.temperature, options.alpha, options.ignore_index, rows,
-                               grad_out if write_grad else None, **_divergence(options))
+    _launch().launch_kd_kernel(s, t, y, options, rows, grad_out if write_grad else None)
     return rows, grad_out
 
 

@@ -27,13 +27,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._kd_common import (
+    SCALARS,
     KDOptions,
-    _effective,
     _kl,
     _log_mixture,
     bad_topk_rows,
     common_vocabulary,
     divergence_grad_from_logs,
+    jsd_ends,
     reduce_rows,
     reduction_scale,
     result_dtype,
@@ -48,6 +49,11 @@ def is_dtensor(x) -> bool:
     # torch.distributed.tensor costs most of a second to import: a DTensor exists only once it is imported.
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(x, module.DTensor)
+
+
+def local_device(x) -> torch.device:
+    """The device of x's local shard (of x for a plain tensor): where the options' scalars go."""
+    return (x.to_local() if is_dtensor(x) else x).device
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -114,13 +120,15 @@ def _layout(x) -> str:
     return f"Tensor{tuple(x.shape[1:])}"
 
 
-def check_ranks_agree(shards: VocabShards, description: str, device) -> None:
+def check_ranks_agree(shards: VocabShards, layout: str, options: KDOptions, device) -> None:
     """Eager calls: every rank of the split must call with the same layout and settings, or the collectives would
     pair up wrongly. One ValueError on every rank naming both layouts. (A rank whose head is a plain tensor never
-    gets here: it runs the unsharded loss, and the others wait on it.)"""
+    gets here: it runs the unsharded loss, and the others wait on it.) The options' values are read to the host only
+    here."""
     if torch.compiler.is_compiling() or (torch.device(device).type == "cuda"
                                          and torch.cuda.is_current_stream_capturing()):
         return
+    description = f"{layout} {_described(options)}"
     code = torch.tensor([zlib.crc32(description.encode())], dtype=torch.int64, device=device)
     codes = torch.empty(shards.ranks, dtype=torch.int64, device=device)
     dist.all_gather_into_tensor(codes, code, group=shards.group)
@@ -207,8 +215,8 @@ def chunk_rows(z: Tensor, t: Tensor, target: Optional[Tensor], start: int, optio
     """z, t: this slice of the chunk's student and teacher logits in the compute dtype. (loss rows, statistics
     (rows, 4): lse(s/T), lse(t/T), lse(s), and the KL the gradient needs (reverse KL: the divergence; JSD:
     KL(p ‖ m)))."""
-    temperature, alpha, cap = options.temperature, options.alpha, options.softcap or None
-    z, t = soft_capped(z, cap), soft_capped(t, cap)
+    temperature, alpha = options.temperature, options.alpha
+    z, t = soft_capped(z, options.softcap), soft_capped(t, options.softcap)
     s, tt = z / temperature, t / temperature
     maxima = _all_reduce(torch.stack([_row_max(s), _row_max(tt)], 1), dist.ReduceOp.MAX, shards)
     maxima = torch.where(maxima == -math.inf, 0.0, maxima)  # a row with no class here and there: no NaN
@@ -221,14 +229,19 @@ def chunk_rows(z: Tensor, t: Tensor, target: Optional[Tensor], start: int, optio
     lse = maxima + sums[:, :2].log()
     lse_ce = temperature * maxima[:, 0] + sums[:, 2].log()
     log_p, log_q = s - lse[:, :1], tt - lse[:, 1:]
-    divergence, beta = _effective(options.divergence, options.jsd_beta), options.jsd_beta
+    divergence, beta = options.divergence, options.jsd_beta
     if divergence == "jsd":
         log_m = _log_mixture(log_p, log_q, beta)
         parts = torch.stack([_kl(log_q, log_m), _kl(log_p, log_m)], 1)
     else:
         parts = (_kl(log_q, log_p) if divergence == "forward_kl" else _kl(log_p, log_q))[:, None]
     parts = _all_reduce(parts, dist.ReduceOp.SUM, shards)
-    value = beta * parts[:, 0] + (1 - beta) * parts[:, 1] if divergence == "jsd" else parts[:, 0]
+    if divergence == "jsd":
+        # At β = 0 the mixture is p and at β = 1 it is q: the two parts are then forward and reverse KL exactly,
+        # JSD's values at its ends by convention (chosen on β's value on the device, no host read).
+        value = jsd_ends(beta, parts[:, 0], parts[:, 1], beta * parts[:, 0] + (1 - beta) * parts[:, 1])
+    else:
+        value = parts[:, 0]
     rows = alpha * temperature**2 * value
     if target is not None:
         rows = torch.where(target != options.ignore_index, rows + (1 - alpha) * (lse_ce - sums[:, 3]), 0.0)
@@ -239,7 +252,7 @@ def chunk_rows(z: Tensor, t: Tensor, target: Optional[Tensor], start: int, optio
 def chunk_grad(z_raw: Tensor, t: Tensor, target: Optional[Tensor], start: int, stats: Tensor,
                options: KDOptions) -> Tensor:
     """∂(loss row)/∂z on this slice, from the rows' saved statistics; no collective."""
-    temperature, alpha, cap = options.temperature, options.alpha, options.softcap or None
+    temperature, alpha, cap = options.temperature, options.alpha, options.softcap
     z, t = soft_capped(z_raw, cap), soft_capped(t, cap)
     log_p = z / temperature - stats[:, :1]
     log_q = t / temperature - stats[:, 1:2]
@@ -251,7 +264,7 @@ def chunk_grad(z_raw: Tensor, t: Tensor, target: Optional[Tensor], start: int, s
         if z.shape[1]:
             grad.scatter_add_(1, column[:, None], (here.to(grad.dtype) * (alpha - 1))[:, None])
         grad = torch.where((target != options.ignore_index)[:, None], grad, 0.0)
-    if cap:
+    if cap is not None:
         grad = grad * (1 - (z / cap) ** 2)  # c·tanh(x/c)'s slope, 1 − tanh²
     return grad
 
@@ -492,12 +505,12 @@ def sharded_linear(hidden, weight, bias, target, teacher_logits, teacher_hidden,
     compute = result_dtype(hidden_local)
     start, stop = shards.span(vocabulary)
     ranks = shards.ranks
-    description = (f"{'shared' if shared else 'own'} rows {n}x{hidden_local.shape[1]} {hidden_local.dtype} "
-                   f"head {_layout(weight)} bias {_layout(bias)} teacher {teacher_kind[0]} {_layout(teacher_logits)}"
-                   f" {_layout(teacher_hidden)} {_layout(teacher_weight)} {_layout(teacher_bias)} "
-                   f"{tuple(teacher_topk[0].shape[1:]) if teacher_topk is not None else ''} target "
-                   f"{target is not None} V={vocabulary} {options} {reduction} {chunk_size} {gather}")
-    check_ranks_agree(shards, description, hidden_local.device)
+    layout = (f"{'shared' if shared else 'own'} rows {n}x{hidden_local.shape[1]} {hidden_local.dtype} "
+              f"head {_layout(weight)} bias {_layout(bias)} teacher {teacher_kind[0]} {_layout(teacher_logits)}"
+              f" {_layout(teacher_hidden)} {_layout(teacher_weight)} {_layout(teacher_bias)} "
+              f"{tuple(teacher_topk[0].shape[1:]) if teacher_topk is not None else ''} target "
+              f"{target is not None} V={vocabulary} {reduction} {chunk_size} {gather}")
+    check_ranks_agree(shards, layout, options, hidden_local.device)
     validate_target(target, n, vocabulary, hidden_local.device, "student_hidden", True, options.ignore_index)
     target = target.long() if target is not None else None
 
@@ -508,7 +521,7 @@ def sharded_linear(hidden, weight, bias, target, teacher_logits, teacher_hidden,
                              teacher_topk[0].shape[1] * (teacher_topk[0].element_size() + 8))
         teacher_head_bytes = (shards.piece * teacher_weight.shape[1] * item if teacher_weight_local is not None
                               else 0)
-        parts = 2 if _effective(options.divergence, options.jsd_beta) == "jsd" else 1
+        parts = 2 if options.divergence == "jsd" else 1
         costs = gather_plan(n, hidden_local.shape[1], vocabulary, ranks, item, teacher_row_bytes,
                             teacher_head_bytes, parts)
         plan = gather if gather != "auto" else min(costs, key=lambda k: (costs[k], k != "hidden"))
@@ -565,8 +578,15 @@ def _head_gathered(hidden, weight, bias, target, teacher_logits, teacher_hidden,
                      teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
                      teacher_topk=teacher_topk, temperature=options.temperature, alpha=options.alpha,
                      ignore_index=options.ignore_index, reduction=reduction, chunk_size=chunk_size,
-                     divergence=options.divergence, jsd_beta=options.jsd_beta, softcap=options.softcap or None,
+                     divergence=options.divergence, jsd_beta=options.jsd_beta, softcap=options.softcap,
                      vocab_size=vocab_size)
+
+
+def _described(options: KDOptions) -> str:
+    values = dict(zip(SCALARS, options.scalars.tolist()))
+    if not options.softcapped:
+        values.pop("softcap")
+    return " ".join(f"{k}={v}" for k, v in {**values, **options.fields()}.items())
 
 
 def _first_dtensor(**tensors) -> str:
@@ -642,10 +662,10 @@ def sharded_logits(student_logits, teacher_logits, teacher_topk, target, options
     vocabulary = common_vocabulary(vocab_size, widths)
     n, compute = local.shape[0], result_dtype(local)
     start, stop = shards.span(vocabulary)
-    description = (f"{name} logits {_layout(student_logits)} {local.dtype} teacher {_layout(teacher_logits)} "
-                   f"{tuple(teacher_topk[0].shape) if teacher_topk is not None else ''} target {target is not None} "
-                   f"V={vocabulary} {options} {reduction} {chunk_size}")
-    check_ranks_agree(shards, description, local.device)
+    layout = (f"{name} logits {_layout(student_logits)} {local.dtype} teacher {_layout(teacher_logits)} "
+              f"{tuple(teacher_topk[0].shape) if teacher_topk is not None else ''} target {target is not None} "
+              f"V={vocabulary} {reduction} {chunk_size}")
+    check_ranks_agree(shards, layout, options, local.device)
     validate_target(target, n, vocabulary, local.device, "student_logits", True, options.ignore_index)
     target = target.long() if target is not None else None
     if teacher_topk is not None:

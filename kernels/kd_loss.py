@@ -36,6 +36,8 @@ from ._kd_common import (
     common_vocabulary,
     first_columns,
     kd_loss_reference,
+    option_value,
+    reference_loss,
     validate_hyperparameters,
     validate_target,
 )
@@ -58,9 +60,9 @@ class _EagerKDLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         _ops.no_double_backward()
         if ctx.gradient == STATS:  # straight to the kernel launch, not through the backward op's dispatch
-            s, t, target, stats = ctx.saved_tensors
+            s, t, target, stats, scalars = ctx.saved_tensors
             return _ops.recomputed_grad(s, t, target, stats, _ops.row_gradients(ctx, grad_loss, s, target),
-                                        ctx.options), *_NO_GRADS
+                                        KDOptions(scalars, **ctx.fields)), *_NO_GRADS
         if ctx.gradient == GRAD and grad_loss.dim() == 0 and not grad_loss.is_cuda and grad_loss.item() == 1.0:
             # `loss.backward()` on the CPU: the saved gradient is the answer, as it is. (Reading a CPU scalar is no
             # device sync; a compiled graph takes the multiply in the op's backward, as it cannot branch on it.)
@@ -82,6 +84,12 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     m = β·p_t + (1−β)·p_s with β = jsd_beta in [0, 1]; β = 0 is forward KL, β = 1 reverse KL). softcap=c replaces
     both logits by c·tanh(z/c) before the temperature (and in the cross-entropy); None: off.
 
+    temperature, alpha, jsd_beta and softcap are numbers (range-checked) or 0-d floating tensors on the logits'
+    device (checked for shape, dtype and device only: their values are not read on the host, so keeping them in
+    range is the caller's; no gradient reaches them). The kernels read them at run time: under
+    torch.compile(fullgraph=True) a new value never recompiles (0-d tensors, or floats with dynamic=True: one
+    compile; plain floats: at most two, as Dynamo makes a changed float symbolic).
+
     The gradient flows to `student_logits` only (in its dtype). Rows whose target is `ignore_index` contribute
     nothing and are not counted by "mean". backend: "auto" (Triton on CUDA, the native CPU kernel on CPU, or plain
     torch with one warning where no C++ compiler is found to build it), "native" (the CPU kernel, else an error),
@@ -97,7 +105,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     width, 0 in the columns past V. Without it, logits of different widths are a ValueError.
     """
     if _sharded.is_dtensor(student_logits) or _sharded.is_dtensor(teacher_logits):
-        options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
+        sharded = student_logits if _sharded.is_dtensor(student_logits) else teacher_logits
+        options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap,
+                                _sharded.local_device(sharded))
         if fused_backward:
             raise ValueError("fused_backward=True is not available on sharded logits (DTensor): the sharded pass "
                              "makes the gradient in the backward")
@@ -105,12 +115,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
                                        vocab_size, "kd_loss", auto_chunk_size)
     student_logits, teacher_logits = _first_vocabulary(student_logits, teacher_logits, vocab_size)
     check_logits(student_logits, teacher_logits, target, ignore_index, check_target)
-    options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
+    options = check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap,
+                            student_logits.device)
     if not isinstance(fused_backward, bool) or (fused_backward and reduction == "none"):
         raise ValueError(f"fused_backward must be a bool, and needs reduction 'mean' or 'sum'; got "
                          f"fused_backward={fused_backward!r} with reduction={reduction!r}")
     if backend == "torch":
-        return kd_loss_reference(student_logits, teacher_logits, target, **options.fields(), reduction=reduction)
+        return reference_loss(student_logits, teacher_logits, target, options, reduction)
     check_backend_for_device(student_logits, backend)
     if not (student_logits.requires_grad and torch.is_grad_enabled()):
         gradient = LOSS_ONLY
@@ -120,8 +131,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
         gradient = STATS if student_logits.is_cuda or backend == "triton" else GRAD
     teacher_logits = teacher_logits.detach()
     if torch.compiler.is_compiling():
-        return _ops.kd_loss_forward(student_logits, teacher_logits, target, **options.fields(), reduction=reduction,
-                                    gradient=gradient, backend=backend)[0]
+        return _ops.kd_loss_forward(student_logits, teacher_logits, target, options.scalars, **options.fields(),
+                                    reduction=reduction, gradient=gradient, backend=backend)[0]
     return _EagerKDLoss.apply(student_logits, teacher_logits, target, options, reduction, gradient, backend)
 
 
@@ -146,9 +157,9 @@ class KDLoss(nn.Module):
         check_options(temperature, alpha, ignore_index, reduction, backend, divergence, jsd_beta, softcap)
         common_vocabulary(vocab_size, {})
         self.vocab_size = vocab_size
-        self.temperature, self.alpha = float(temperature), float(alpha)
+        self.temperature, self.alpha = option_value(temperature), option_value(alpha)
         self.ignore_index, self.reduction, self.backend = int(ignore_index), reduction, backend
-        self.divergence, self.jsd_beta, self.softcap = divergence, float(jsd_beta), softcap
+        self.divergence, self.jsd_beta, self.softcap = divergence, option_value(jsd_beta), softcap
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None) -> Tensor:
         return kd_loss(student_logits, teacher_logits, target, temperature=self.temperature, alpha=self.alpha,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from fastkd.config import Config
 from fastkd.data.registry import load_synthetic
 from fastkd.kernels import _kd_loss_triton as tk
+from fastkd.kernels._kd_common import make_options
 from fastkd.kernels._kd_launch import launch_kd_backward, launch_kd_kernel
 from fastkd.kernels.kd_loss import kd_loss
 from fastkd.models import build_model
@@ -186,17 +187,18 @@ def test_every_streaming_config_writes_reference_loss_and_gradient_over_poisoned
     if forward:
         monkeypatch.setattr(tk, "kd_loss_fwd_stream_kernel", forward)
     monkeypatch.setattr(tk, "kd_loss_bwd_stream_kernel", backward)
-    launch_kd_kernel(s, t, y, T, ALPHA, IGNORE, rows, grad)  # the engine's path: loss and gradient in the forward
+    # the engine's path: loss and gradient in the forward
+    launch_kd_kernel(s, t, y, make_options(CUDA, T, ALPHA, IGNORE), rows, grad)
     assert forward is None or forward.launches == 1
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), "an output element was never written"
     assert_rows_close(rows, ref, e, with_target)
     assert_grad_close(grad, ref, e, STORE_U[dtype], roundings=1)
     # The generic path's pair: the forward's statistics, then the backward kernel (incoming gradient of 1 a row).
     stats = torch.full((N, tk.STATS_PER_ROW), math.nan, device=CUDA)
-    launch_kd_kernel(s, t, y, T, ALPHA, IGNORE, rows, stats=stats)
+    launch_kd_kernel(s, t, y, make_options(CUDA, T, ALPHA, IGNORE), rows, stats=stats)
     assert_rows_close(rows, ref, e, with_target)
     recomputed = torch.full((N, c), math.nan, dtype=dtype, device=CUDA)
-    launch_kd_backward(s, t, y, stats, torch.ones(N, device=CUDA), T, ALPHA, IGNORE, recomputed)
+    launch_kd_backward(s, t, y, stats, torch.ones(N, device=CUDA), make_options(CUDA, T, ALPHA, IGNORE), recomputed)
     assert backward.launches == 1 and torch.isfinite(recomputed).all()
     assert_grad_close(recomputed, ref, e, STORE_U[dtype], roundings=1)
     # Exact zeros where nothing contributes: masked classes, and the rows whose target is ignored.

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fastkd.kernels import _kd_common
 from fastkd.kernels import _kd_loss_triton as tk
+from fastkd.kernels._kd_common import make_options
 from fastkd.kernels._kd_launch import launch_kd_kernel
 from fastkd.kernels.kd_loss import KDLoss, kd_loss
 
@@ -203,7 +204,7 @@ def test_kernel_writes_every_output_element_over_poisoned_buffers(request, path,
     y = targets(n, c) if with_target else None
     rows = torch.full((n,), math.nan, device=DEVICE)
     grad = torch.full((n, c), math.nan, dtype=torch.bfloat16, device=DEVICE)
-    launch_kd_kernel(s, t, y, T, ALPHA, IGNORE, rows, grad)
+    launch_kd_kernel(s, t, y, make_options(s.device, T, ALPHA, IGNORE), rows, grad)
     ref_rows, s64 = reference(s, t, y)
     ref_rows.sum().backward()
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
@@ -343,7 +344,7 @@ def test_double_backward_is_refused_through_the_compiled_graphs_op(backend):
     torch.manual_seed(0)
     s, t, y = logits(5, 7, torch.float32).requires_grad_(), logits(5, 7, torch.float32), targets(5, 7)
     gradient = "stats" if backend == "triton" else "grad"
-    loss = kd_loss_forward(s, t, y, temperature=T, alpha=ALPHA, ignore_index=IGNORE, reduction="mean",
+    loss = kd_loss_forward(s, t, y, make_options(s.device, T, ALPHA).scalars, ignore_index=IGNORE, reduction="mean",
                            gradient=gradient, backend=backend)[0]
     with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
         torch.autograd.grad(loss, s, create_graph=True)

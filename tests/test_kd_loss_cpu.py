@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastkd.kernels import _kd_loss_cpu, _kd_ops
-from fastkd.kernels._kd_common import KDOptions
+from fastkd.kernels._kd_common import make_options
 from fastkd.kernels.kd_loss import kd_loss, kd_loss_linear, kd_loss_reference, kd_loss_sparse
 
 T, ALPHA, IGNORE = 3.0, 0.3, -100
@@ -37,7 +37,7 @@ def test_every_output_element_is_written_into_the_callers_poisoned_buffer(shape,
     s, t, y = _inputs(n, c, torch.float32, seed=c)
     y = y if with_target else None
     grad_out = torch.full((n, c), math.nan)
-    rows, _, grad = _kd_ops._native_forward(s, t, y, KDOptions(T, ALPHA, IGNORE), "none", "grad", grad_out)
+    rows, _, grad = _kd_ops._native_forward(s, t, y, make_options("cpu", T, ALPHA, IGNORE), "none", "grad", grad_out)
     assert grad.data_ptr() == grad_out.data_ptr()
     s64 = s.double().requires_grad_()
     exact = kd_loss_reference(s64, t.double(), y, temperature=T, alpha=ALPHA, reduction="none")

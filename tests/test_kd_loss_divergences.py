@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fastkd.kernels import _kd_launch, _kd_loss_cpu, _kd_ops
 from fastkd.kernels import _kd_loss_triton as tk
-from fastkd.kernels._kd_common import KDOptions, stats_per_row
+from fastkd.kernels._kd_common import make_options, stats_per_row
 from fastkd.kernels._kd_launch import launch_kd_backward, launch_kd_kernel
 from fastkd.kernels.kd_loss import KDLinearLoss, KDLoss, kd_loss, kd_loss_linear
 
@@ -241,11 +241,12 @@ def test_triton_writes_every_output_over_poisoned_buffers(request, path, diverge
     rows = torch.full((n,), math.nan)
     grad = torch.full((n, c), math.nan, dtype=torch.bfloat16)
     stats = torch.full((n, stats_per_row(divergence)), math.nan)
-    launch_kd_kernel(s, t, y, temperature, alpha, IGNORE, rows, grad, **hyper)
+    options = make_options(s.device, temperature, alpha, IGNORE, **hyper)
+    launch_kd_kernel(s, t, y, options, rows, grad)
     rows_2 = torch.full((n,), math.nan)
-    launch_kd_kernel(s, t, y, temperature, alpha, IGNORE, rows_2, stats=stats, **hyper)
+    launch_kd_kernel(s, t, y, options, rows_2, stats=stats)
     grad_2 = torch.full((n, c), math.nan, dtype=torch.bfloat16)
-    launch_kd_backward(s, t, y, stats, torch.ones(n), temperature, alpha, IGNORE, grad_2, **hyper)
+    launch_kd_backward(s, t, y, stats, torch.ones(n), options, grad_2)
     s64 = s.double().requires_grad_()
     exact = textbook(s64, t, y, divergence, beta, temperature, alpha, softcap=9.0)
     exact.sum().backward()
@@ -260,7 +261,7 @@ def test_cpu_kernel_writes_every_output_into_a_poisoned_buffer(divergence, beta)
     n, c = 64, 1000  # on every thread
     s, t, y = logits(n, c), logits(n, c), targets(n, c)
     grad_out = torch.full((n, c), math.nan)
-    options = KDOptions(3.0, 0.3, IGNORE, divergence, beta, 6.0)
+    options = make_options("cpu", 3.0, 0.3, IGNORE, divergence, beta, 6.0)
     rows, _, grad = _kd_ops._native_forward(s, t, y, options, "none", "grad", grad_out)
     assert grad.data_ptr() == grad_out.data_ptr() and torch.isfinite(grad).all() and torch.isfinite(rows).all()
     s64 = s.double().requires_grad_()
@@ -299,33 +300,35 @@ def test_annealed_beta_softcap_and_temperature_never_compile_on_the_cpu():
 
 
 def test_triton_launches_for_twenty_values_share_one_compiled_variant(monkeypatch):
-    """Triton compiles once per argument types and constexprs: jsd_beta, softcap and temperature are runtime
-    float arguments of both kernels, so twenty values of each launch one variant each (a recorder stands in for
-    the kernels and keeps each launch's constexprs apart from its float arguments)."""
+    """Triton compiles once per argument types and constexprs: temperature, α, jsd_beta and softcap reach both
+    kernels in one float64 device tensor (KDOptions.scalars) that they read at run time, so twenty values of each
+    launch one variant each, with no float argument at all (a recorder stands in for the kernels)."""
     for kernel in (tk.kd_loss_fwd_kernel, tk.kd_loss_bwd_kernel):
         # The Python function under both the JIT and the interpreter: its annotations say what is a constexpr.
         params = inspect.signature(kernel.fn).parameters
         constexpr = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
-        assert {"DIVERGENCE", "SOFTCAP"} <= constexpr and not {"beta", "softcap", "inv_t"} & constexpr
-    variants, floats = set(), set()
+        assert {"DIVERGENCE", "SOFTCAP"} <= constexpr and "scalars_ptr" in params
+        assert not {"beta", "softcap", "inv_t", "temperature", "alpha"} & set(params)
+    variants, values = set(), set()
 
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **meta):
-                variants.add(tuple(sorted((k, v) for k, v in meta.items() if not isinstance(v, float))))
-                floats.add(tuple(a for a in args if isinstance(a, float)) + (meta["beta"], meta["softcap"]))
+                assert not any(isinstance(v, float) for v in (*args, *meta.values()))
+                variants.add(tuple(sorted(meta.items())))
+                (scalars,) = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.float64]
+                values.add(tuple(scalars.tolist()))
             return launch
 
     for name in ("kd_loss_fwd_kernel", "kd_loss_bwd_kernel"):
         monkeypatch.setattr(tk, name, Recorder())
     x = logits(2, 50)
     for i in range(20):
-        hyper = dict(divergence="jsd", jsd_beta=i / 19, softcap=1.0 + i)
-        launch_kd_kernel(x, x, None, 0.5 + 0.2 * i, 0.5, IGNORE, torch.empty(2), stats=torch.empty(2, 5), **hyper)
-        launch_kd_backward(x, x, None, torch.empty(2, 5), torch.ones(2), 0.5 + 0.2 * i, 0.5, IGNORE,
-                           torch.empty(2, 50), **hyper)
+        options = make_options(x.device, 0.5 + 0.2 * i, 0.5, IGNORE, "jsd", i / 19, 1.0 + i)
+        launch_kd_kernel(x, x, None, options, torch.empty(2), stats=torch.empty(2, 5))
+        launch_kd_backward(x, x, None, torch.empty(2, 5), torch.ones(2), options, torch.empty(2, 50))
     assert len(variants) == 2  # the forward's and the backward's
-    assert len(floats) == 40  # the values did reach the launches, as arguments
+    assert len(values) == 20  # the values did reach the launches, in the scalars tensor
 
 
 def _bad_calls():
@@ -395,7 +398,8 @@ def test_bytes_moved_per_divergence(monkeypatch, divergence, beta, c):
     again in the backward, which writes ∂s (5 units); fused_backward 3 in one block, 5 streamed. The statistics a
     row grow by one float for reverse KL (E_p[(s − t)/T]) and two for JSD (that or KL(p‖m), and the gap). A streamed
     JSD row with 0 < β < 1 reads s and t once more in the forward (its terms need the normalisers): 7 units generic
-    and fused, 4 with no gradient; at β = 0 and 1 it skips that pass."""
+    and fused, 4 with no gradient; at β = 0 and 1 it skips that pass. Each program also reads the float options
+    (KDOptions.scalars, float64): T, then T and α (again every block of a streamed gradient), and β for JSD."""
     from test_kd_loss_floor import MovedBytes
 
     n, elem, target_bytes, flt = 6, 4, 8, 4
@@ -406,19 +410,25 @@ def test_bytes_moved_per_divergence(monkeypatch, divergence, beta, c):
     assert k == {"reverse_kl": 4, "jsd": 5}[divergence]
     streamed = c > tk.MAX_SINGLE_BLOCK
     jsd_pass = 2 * logits_bytes if streamed and divergence == "jsd" and 0 < beta < 1 else 0
-    common_loads, common_stores = 2 * logits_bytes + n * (target_bytes + elem), n * flt
+    beta_bytes = 8 if divergence == "jsd" else 0
+    blocks = -(-c // tk.STREAM_BLOCK) if streamed else 1
+    scalars = n * (24 + beta_bytes)  # a forward's: T; T and α; β
+    backward_scalars = n * (8 + beta_bytes + 16 * blocks)  # T; β; T and α once or every block
+    common_loads, common_stores = 2 * logits_bytes + n * (target_bytes + elem) + scalars, n * flt
     kw = dict(temperature=3.0, alpha=0.3, backend="triton", divergence=divergence, jsd_beta=beta)
 
     s_in = s.clone().requires_grad_()
     loss = kd_loss(s_in, t, y, **kw)
     assert count.take() == (common_loads + jsd_pass, common_stores + n * k * flt)
     loss.backward()
-    assert count.take() == (2 * logits_bytes + n * (target_bytes + k * flt + flt), logits_bytes)
+    assert count.take() == (2 * logits_bytes + n * (target_bytes + k * flt + flt) + backward_scalars, logits_bytes)
 
     s_in = s.clone().requires_grad_()
     loss = kd_loss(s_in, t, y, fused_backward=True, **kw)
     second_pass = 2 * logits_bytes if streamed else 0
-    assert count.take() == (common_loads + n * flt + second_pass + jsd_pass, common_stores + logits_bytes)
+    stream_weights = n * 16 * blocks if streamed else 0
+    assert count.take() == (common_loads + n * flt + second_pass + jsd_pass + stream_weights,
+                            common_stores + logits_bytes)
     loss.backward()
     assert count.take() == (0, 0)
 
@@ -464,7 +474,7 @@ def test_the_no_compiler_fallbacks_closed_form_gradient(divergence, beta, softca
     s, t, y = logits(6, 50, torch.float64), logits(6, 50, torch.float64), targets(6, 50)
     s[:, :5] = t[:, :5] = -math.inf  # masked classes: 0, not NaN
     y[y < 5] = 7
-    options = KDOptions(2.0, 0.4, IGNORE, divergence, beta, softcap or 0.0)
+    options = make_options("cpu", 2.0, 0.4, IGNORE, divergence, beta, softcap)
     rows, _, grad = _kd_ops._torch_forward(s, t, y, options, "none", "grad")
     s64 = s.clone().requires_grad_()
     exact = textbook(s64, t, y, divergence, beta, 2.0, 0.4, softcap)
@@ -475,7 +485,8 @@ def test_the_no_compiler_fallbacks_closed_form_gradient(divergence, beta, softca
 
 def test_a_compiled_loss_takes_a_new_temperature_and_beta_without_failing():
     """Dynamo makes a float that changed between calls symbolic; the option checks must take one (math.isfinite
-    does not, and the second value failed). Each new value still recompiles: the op's float fields specialise."""
+    does not, and the second value failed). The ops take the values in a tensor, so no later value recompiles:
+    counted in test_kd_loss_no_recompile.py."""
     s, t = torch.randn(4, 37, dtype=torch.float64), torch.randn(4, 37, dtype=torch.float64)
     y = torch.randint(0, 37, (4,))
     compiled = torch.compile(lambda s, T, b: kd_loss(s, t, y, temperature=T, alpha=0.3, divergence="jsd",

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from triton.runtime import interpreter
 
 from fastkd.kernels import _kd_loss_triton as tk
+from fastkd.kernels._kd_common import make_options
 from fastkd.kernels._kd_launch import launch_kd_kernel
 from fastkd.kernels.kd_loss import kd_loss
 
@@ -59,12 +60,17 @@ class MovedBytes:
 
 
 N, ELEM, TARGET, FLOAT = 6, 4, 8, 4  # rows; bytes of a float32 logit, an int64 target, a float32 loss or scale
+# The float options each program reads from KDOptions.scalars (float64; forward KL, no cap): T at its start, T and
+# α where the weights are needed, and T and α again for every block of a streamed gradient loop.
+SCALARS, WEIGHTS = 24, 16
 
 
 @needs_interpreter
 @pytest.mark.parametrize("c", [300, 9000], ids=["one-block", "streamed"])
 def test_bytes_each_path_moves_match_the_design(monkeypatch, c):
-    """Per row: the logits (C elements each of s, t, ∂s) plus a few scalars: target, s[y], loss, statistics, scale.
+    """Per row: the logits (C elements each of s, t, ∂s) plus a few scalars: target, s[y], loss, statistics, scale,
+    and the float options T and α (each launch's programs read them from the device: SCALARS bytes a row, and
+    WEIGHTS more for every block of a streamed gradient).
     Generic autograd: forward reads s and t (2 units), backward reads them again and writes ∂s (3): 5 units at any
     C, nothing of size (N, C) saved. fused_backward: 3 units in one block, 5 when streamed (statistics pass, then
     the gradient pass). No gradient wanted: 2 units."""
@@ -74,19 +80,22 @@ def test_bytes_each_path_moves_match_the_design(monkeypatch, c):
     y = torch.randint(0, c, (N,))
     count = MovedBytes(monkeypatch)
     logits = N * c * ELEM
-    common_loads, common_stores = 2 * logits + N * (TARGET + ELEM), N * FLOAT  # s, t, y, s[y]; the loss
+    common_loads, common_stores = 2 * logits + N * (TARGET + ELEM + SCALARS), N * FLOAT  # s, t, y, s[y], T, α; loss
 
     s_in = s.clone().requires_grad_()
     loss = kd_loss(s_in, t, y, temperature=3.0, alpha=0.3, backend="triton")
     assert count.take() == (common_loads, common_stores + N * 3 * FLOAT)  # + the three log-sum-exps
     loss.backward()
-    # s, t, y, the log-sum-exps and the incoming per-row gradient; ∂s
-    assert count.take() == (2 * logits + N * (TARGET + 3 * FLOAT + FLOAT), logits)
+    # s, t, y, the log-sum-exps, the incoming per-row gradient, T and α; ∂s
+    blocks = 1 if c <= tk.MAX_SINGLE_BLOCK else -(-c // tk.STREAM_BLOCK)
+    backward_scalars = SCALARS - WEIGHTS + WEIGHTS * blocks  # T, then T and α once or per block
+    assert count.take() == (2 * logits + N * (TARGET + 3 * FLOAT + FLOAT + backward_scalars), logits)
 
     s_in = s.clone().requires_grad_()
     loss = kd_loss(s_in, t, y, temperature=3.0, alpha=0.3, backend="triton", fused_backward=True)
     second_pass = 2 * logits if c > tk.MAX_SINGLE_BLOCK else 0
-    assert count.take() == (common_loads + N * FLOAT + second_pass, common_stores + logits)  # + scale; + ∂s
+    stream_weights = N * WEIGHTS * blocks if c > tk.MAX_SINGLE_BLOCK else 0
+    assert count.take() == (common_loads + N * FLOAT + second_pass + stream_weights, common_stores + logits)  # + ∂s
     loss.backward()
     assert count.take() == (0, 0)  # the forward's gradient is handed to autograd as it is
 
@@ -104,10 +113,10 @@ def test_the_generic_path_keeps_no_logit_sized_buffer_between_forward_and_backwa
         loss = kd_loss(s, t, torch.randint(0, 300, (5,)), backend="triton")
     big = [x for x in saved if x.numel() >= s.numel()]
     # Only the inputs themselves (no copy): s and t. Besides: 3 log-sum-exps and the target a row (the mean is
-    # taken inside the op, whose backward recounts the kept rows from the target).
+    # taken inside the op, whose backward recounts the kept rows from the target); and the four float options.
     assert {x.untyped_storage().data_ptr() for x in big} <= {s.untyped_storage().data_ptr(),
                                                               t.untyped_storage().data_ptr()}, [x.shape for x in big]
-    assert sum(x.numel() for x in saved if x.numel() < s.numel()) == 5 * (3 + 1)
+    assert sum(x.numel() for x in saved if x.numel() < s.numel()) == 5 * (3 + 1) + 4
     loss.backward()
 
 
@@ -217,8 +226,9 @@ def test_low_precision_gradients_are_stored_rounded_to_nearest_even(dtype):
     y = torch.randint(0, c, (n,))
     rows = torch.empty(n)
     exact, stored = torch.full((n, c), math.nan), torch.full((n, c), math.nan, dtype=dtype)
-    launch_kd_kernel(s, t, y, 3.0, 0.3, -100, rows, exact)
-    launch_kd_kernel(s, t, y, 3.0, 0.3, -100, rows, stored)
+    options = make_options(s.device, 3.0, 0.3, -100)
+    launch_kd_kernel(s, t, y, options, rows, exact)
+    launch_kd_kernel(s, t, y, options, rows, stored)
     assert torch.equal(stored.view(torch.int16), exact.to(dtype).view(torch.int16))
     assert (exact.to(dtype).float() != exact).float().mean() > 0.5  # the rounding really happens
 
