@@ -24,6 +24,7 @@ from ._kd_common import (
     _log_mixture,
     bad_topk_rows,
     jsd_ends,
+    jsd_from_parts,
     reduce_rows,
     reduction_scale,
     result_dtype,
@@ -99,8 +100,7 @@ def _bucket_divergence(log_p: Tensor, log_q: Tensor, divergence: str, beta: Tens
     if divergence == "reverse_kl":
         return _kl(log_p, log_q)
     log_m = _log_mixture(log_p, log_q, beta)
-    return jsd_ends(beta, _kl(log_q, log_p), _kl(log_p, log_q),
-                    beta * _kl(log_q, log_m) + (1 - beta) * _kl(log_p, log_m))
+    return jsd_from_parts(beta, _kl(log_q, log_m), _kl(log_p, log_m))
 
 
 def bucketed_chunk(s: Tensor, indices: Tensor, log_q: Tensor, log_q_tail: Tensor, target: Optional[Tensor], *,

@@ -200,6 +200,14 @@ def jsd_ends(beta: Tensor, forward: Tensor, reverse: Tensor, jsd: Tensor) -> Ten
     return torch.where(beta == 0, forward, torch.where(beta == 1, reverse, jsd))
 
 
+def jsd_from_parts(beta: Tensor, kl_q_m: Tensor, kl_p_m: Tensor) -> Tensor:
+    """β·KL(q ‖ m) + (1 − β)·KL(p ‖ m), m = β·q + (1 − β)·p, with its ends by convention: at β = 0 the mixture is p
+    and at β = 1 it is q (exactly, see _log_mixture), so the parts are then forward and reverse KL themselves. No
+    branch holds a value the others avoid (a reverse KL that is infinite where q is 0, say), so autograd through it
+    stays finite."""
+    return jsd_ends(beta, kl_q_m, kl_p_m, beta * kl_q_m + (1 - beta) * kl_p_m)
+
+
 def divergence_rows(s: Tensor, t: Tensor, temperature: Tensor, divergence: str = "forward_kl",
                     jsd_beta: Optional[Tensor] = None) -> Tensor:
     """Per-row divergence between the temperature softmaxes of (already soft-capped) s and t, in their dtype.
@@ -212,8 +220,7 @@ def divergence_rows(s: Tensor, t: Tensor, temperature: Tensor, divergence: str =
         return _kl(log_p, log_q)
     beta = torch.as_tensor(jsd_beta, dtype=torch.float64, device=s.device)
     log_m = _log_mixture(log_p, log_q, beta)
-    jsd = beta * _kl(log_q, log_m) + (1 - beta) * _kl(log_p, log_m)
-    return jsd_ends(beta, _kl(log_q, log_p), _kl(log_p, log_q), jsd)
+    return jsd_from_parts(beta, _kl(log_q, log_m), _kl(log_p, log_m))
 
 
 def _log_ratio_grad(p: Tensor, log_p: Tensor, log_other: Tensor, kl: Optional[Tensor] = None) -> Tensor:

@@ -432,14 +432,12 @@ def kd_loss_bwd_kernel(
 # The streaming path on a GPU picks its block and warps by autotuning per C. Only ever launched with a live
 # driver: the interpreter cannot autotune, and takes the plain kernels with BLOCK=STREAM_BLOCK instead.
 # tests/test_kernel_compiles_for_gpu.py fails on any register spill, and has removed two configs: BLOCK 8192 at 8
-# warps (32 columns a thread; the old forward spilled 4 bytes at 128 registers on sm_80 and sm_90) from both, and
-# BLOCK 4096 at 8 warps from the forward (its gradient variant with a target spills 8 bytes on sm_90, since the
-# forward also carries the first block's shift and two more row sums).
-BACKWARD_STREAM_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w)
-                           for b, w in ((2048, 8), (2048, 16), (4096, 8), (4096, 16), (8192, 16))]
-FORWARD_STREAM_CONFIGS = [c for c in BACKWARD_STREAM_CONFIGS if (c.kwargs["BLOCK"], c.num_warps) != (4096, 8)]
-kd_loss_fwd_stream_kernel = triton.autotune(configs=FORWARD_STREAM_CONFIGS,
+# warps (32 columns a thread; the old forward spilled 4 bytes at 128 registers on sm_80 and sm_90), and BLOCK 4096
+# at 8 warps (the forward's gradient variant with a target spilled 8 bytes on sm_90, and the backward's bf16 one
+# 4 bytes once the float options became run-time loads from KDOptions.scalars).
+STREAM_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((2048, 8), (2048, 16), (4096, 16), (8192, 16))]
+kd_loss_fwd_stream_kernel = triton.autotune(configs=STREAM_CONFIGS,
                                             key=["C", "HAS_TARGET", "STORE_STATS", "WRITE_GRAD",
                                                  "DIVERGENCE", "SOFTCAP"])(kd_loss_fwd_kernel)
-kd_loss_bwd_stream_kernel = triton.autotune(configs=BACKWARD_STREAM_CONFIGS,
+kd_loss_bwd_stream_kernel = triton.autotune(configs=STREAM_CONFIGS,
                                             key=["C", "HAS_TARGET", "DIVERGENCE", "SOFTCAP"])(kd_loss_bwd_kernel)

@@ -34,7 +34,7 @@ from ._kd_common import (
     bad_topk_rows,
     common_vocabulary,
     divergence_grad_from_logs,
-    jsd_ends,
+    jsd_from_parts,
     reduce_rows,
     reduction_scale,
     result_dtype,
@@ -236,12 +236,7 @@ def chunk_rows(z: Tensor, t: Tensor, target: Optional[Tensor], start: int, optio
     else:
         parts = (_kl(log_q, log_p) if divergence == "forward_kl" else _kl(log_p, log_q))[:, None]
     parts = _all_reduce(parts, dist.ReduceOp.SUM, shards)
-    if divergence == "jsd":
-        # At β = 0 the mixture is p and at β = 1 it is q: the two parts are then forward and reverse KL exactly,
-        # JSD's values at its ends by convention (chosen on β's value on the device, no host read).
-        value = jsd_ends(beta, parts[:, 0], parts[:, 1], beta * parts[:, 0] + (1 - beta) * parts[:, 1])
-    else:
-        value = parts[:, 0]
+    value = jsd_from_parts(beta, parts[:, 0], parts[:, 1]) if divergence == "jsd" else parts[:, 0]
     rows = alpha * temperature**2 * value
     if target is not None:
         rows = torch.where(target != options.ignore_index, rows + (1 - alpha) * (lse_ce - sums[:, 3]), 0.0)

@@ -42,7 +42,7 @@ IGNORED_ROWS = [1, 4]
 # One column past the single-block limit (the last block holds one column), a common vocabulary, Llama 3's.
 CLASS_COUNTS = [tk.MAX_SINGLE_BLOCK + 1, 32000, 128256]
 DTYPES = [torch.float32, torch.bfloat16]
-STREAM_CONFIGS = list(tk.BACKWARD_STREAM_CONFIGS)  # the forward's are a subset
+STREAM_CONFIGS = list(tk.STREAM_CONFIGS)
 # Masking this many leading classes makes the whole first block -inf for the narrowest config: the running max
 # starts at -inf and must not turn into NaN.
 MASKED_PREFIX = min(config.kwargs["BLOCK"] for config in STREAM_CONFIGS)
@@ -181,15 +181,13 @@ def test_every_streaming_config_writes_reference_loss_and_gradient_over_poisoned
     grad = torch.full((N, c), math.nan, dtype=dtype, device=CUDA)
     ref = reference(s, t, y)
     e = relative_error(c, config.kwargs["BLOCK"], largest_logit(s, t))
-    # A config of the backward list only (the forward's is a subset): its statistics come from the autotuned forward.
-    forward = OneConfig(tk.kd_loss_fwd_kernel, config) if config in tk.FORWARD_STREAM_CONFIGS else None
+    forward = OneConfig(tk.kd_loss_fwd_kernel, config)
     backward = OneConfig(tk.kd_loss_bwd_kernel, config)
-    if forward:
-        monkeypatch.setattr(tk, "kd_loss_fwd_stream_kernel", forward)
+    monkeypatch.setattr(tk, "kd_loss_fwd_stream_kernel", forward)
     monkeypatch.setattr(tk, "kd_loss_bwd_stream_kernel", backward)
     # the engine's path: loss and gradient in the forward
     launch_kd_kernel(s, t, y, make_options(CUDA, T, ALPHA, IGNORE), rows, grad)
-    assert forward is None or forward.launches == 1
+    assert forward.launches == 1
     assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), "an output element was never written"
     assert_rows_close(rows, ref, e, with_target)
     assert_grad_close(grad, ref, e, STORE_U[dtype], roundings=1)

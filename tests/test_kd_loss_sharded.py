@@ -96,8 +96,8 @@ def test_the_bytes_received_are_the_cost_rules_count(two_ranks):
     """Counted collectives (ring counts) equal gather_plan's bytes for both plans: the rule compares what runs."""
     n, h, ht, v = sharded_cases.N, sharded_cases.H, sharded_cases.HT, sharded_cases.V
     hidden_case = dict(kind="linear", mode="fsdp", **FSDP[3])  # plain teacher head: nothing of it is gathered
-    hidden_plan = _kd_sharded.gather_plan(n, h, v, 2, 8, ht * 8, 0, divergence_parts=1)["hidden"]
-    # jsd_beta=1.0 runs reverse KL: one partial sum a row.
+    # JSD sums two parts a row at every β, its ends (here β = 1) included: β's value is never read on the host.
+    hidden_plan = _kd_sharded.gather_plan(n, h, v, 2, 8, ht * 8, 0, divergence_parts=2)["hidden"]
     assert [r["received"] for r in two_ranks[repr(hidden_case)]] == [hidden_plan] * 2
     head_case = dict(kind="linear", mode="fsdp", **FSDP[4])
     piece = -(-v // 2)

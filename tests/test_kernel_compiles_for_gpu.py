@@ -82,16 +82,15 @@ def variants():
     # so it is compiled once, in fp32 with every feature.
     counts = {warps for _, warps in widths}
     edges = {f(b for b, w in widths if w == warps) for warps in counts for f in (min, max)}
-    forward_streams = [(c.kwargs["BLOCK"], c.num_warps) for c in tk.FORWARD_STREAM_CONFIGS]
-    backward_streams = [(c.kwargs["BLOCK"], c.num_warps) for c in tk.BACKWARD_STREAM_CONFIGS]
+    streams = [(c.kwargs["BLOCK"], c.num_warps) for c in tk.STREAM_CONFIGS]
     for arch, dtypes in ((90, DTYPES), (80, ("fp32",))):
         for dtype in dtypes:
             for has_target in (True, False):
-                for (block, warps), mode in itertools.product(forward_streams, FORWARD_MODES):
+                for (block, warps), mode in itertools.product(streams, FORWARD_MODES):
                     # every feature combination: they allocate differently
                     yield arch, "forward", dtype, dict(HAS_TARGET=has_target, **mode, SINGLE_BLOCK=False,
                                                        BLOCK=block), warps
-                for block, warps in backward_streams:
+                for block, warps in streams:
                     yield arch, "backward", dtype, dict(HAS_TARGET=has_target, SINGLE_BLOCK=False, BLOCK=block), \
                         warps
             for block, warps in widths:
