@@ -14,20 +14,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
-
-
-class _Largest(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if type(t) is torch.Tensor:
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
 
 
 def _rank(rank, args, init_file, results):
@@ -67,10 +53,10 @@ def _rank(rank, args, init_file, results):
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        with _kd_sharded.counted_collectives() as received, _Largest() as largest:
+        with _kd_sharded.counted_collectives() as received, _kd_sharded.largest_new_tensor() as largest:
             step()
         predicted = _kd_sharded.gather_plan(n, h, v, args.ranks, 4, h * 4, -(-v // args.ranks) * h * 4)[plan]
-        out[plan] = (statistics.median(times), received["total"], predicted, largest.largest)
+        out[plan] = (statistics.median(times), received["total"], predicted, largest["bytes"])
     results[rank] = out
     dist.destroy_process_group()
 

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._kd_common import (
     SCALARS,
@@ -156,6 +157,31 @@ def counted_collectives():
         yield counter
     finally:
         _counters.remove(counter)
+
+
+@contextmanager
+def largest_new_tensor():
+    """with largest_new_tensor() as largest: ... : largest["elements"] and largest["bytes"] after the block, of the
+    largest plain tensor any op made in it (DTensors, whose shapes are global, left out): what shows that a rank never
+    holds (N, V) logits, or a whole head on the hidden-state plan."""
+    largest = {"elements": 0, "bytes": 0}
+    with _LargestNewTensor(largest):
+        yield largest
+
+
+class _LargestNewTensor(TorchDispatchMode):
+    # A dispatch mode (private in torch.utils._python_dispatch) is the one hook that sees every op's outputs.
+    def __init__(self, largest: dict):
+        super().__init__()
+        self.largest = largest
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if type(t) is torch.Tensor:
+                self.largest["elements"] = max(self.largest["elements"], t.numel())
+                self.largest["bytes"] = max(self.largest["bytes"], t.numel() * t.element_size())
+        return out
 
 
 def _count(nbytes: float) -> None:

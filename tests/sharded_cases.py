@@ -7,7 +7,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastkd.kernels import _kd_sharded
 from fastkd.kernels.kd_loss import kd_loss, kd_loss_linear, kd_loss_sparse
@@ -176,21 +175,6 @@ def error_case(case: dict, mesh, rank: int, ranks: int) -> dict:
     return {"error": None}
 
 
-class LargestNewTensor(TorchDispatchMode):
-    """The most elements of any plain tensor an op makes (DTensors, whose shapes are global, left out)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if type(t) is torch.Tensor:
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def memory_case(case: dict, mesh, rank: int, ranks: int) -> dict:
     """The largest tensor made by a forward and backward on a bigger vocabulary, FSDP (hidden plan) or TP rows."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -205,10 +189,10 @@ def memory_case(case: dict, mesh, rank: int, ranks: int) -> dict:
         t_hidden = distribute_tensor(t_hidden, mesh, [Replicate()])
     hidden.requires_grad_()
     target = torch.randint(0, v, (n,), generator=g)
-    with LargestNewTensor() as mode:
+    with _kd_sharded.largest_new_tensor() as largest:
         kd_loss_linear(hidden, weight, target, teacher_hidden=t_hidden, teacher_weight=t_weight,
                        chunk_size=case["chunk"], gather="hidden", divergence="jsd").backward()
-    return {"largest": mode.largest}
+    return {"largest": largest["elements"]}
 
 
 CASE_KINDS = {"linear": linear_case, "logits": logits_case, "error": error_case, "memory": memory_case}
