@@ -101,13 +101,15 @@ def option_scalars(device, temperature, alpha, jsd_beta, softcap) -> Tensor:
 
     Under torch.compile a number is added to a zero tensor: the one form that keeps a float Dynamo has made
     symbolic a graph input (torch.full or torch.tensor of it specialise on its value, a recompile per value). An
-    eager call with numbers is one torch.tensor: on CUDA an asynchronous copy, no device sync; while a CUDA graph is
-    being captured (no such copy allowed) the compiled form's fills instead."""
+    eager call with numbers is one host tensor copied with non_blocking=True: torch.tensor(..., device="cuda")
+    would wait for the whole stream after its copy (a host sync every call), while a non-blocking copy from pageable
+    memory is staged by the driver and returns at once. While a CUDA graph is being captured (no such copy allowed)
+    the compiled form's fills instead."""
     values = (temperature, alpha, jsd_beta, 1.0 if softcap is None else softcap)
     device = torch.device(device)
     if not torch.compiler.is_compiling() and all(type(v) in (float, int) for v in values) and not (
             device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return torch.tensor(values, dtype=torch.float64, device=device)
+        return torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
     return torch.stack([v.detach().to(device=device, dtype=torch.float64).reshape(()) if isinstance(v, Tensor)
                         else torch.zeros((), dtype=torch.float64, device=device) + v for v in values])
 

@@ -315,6 +315,25 @@ def float32_convolutions(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_an_eager_kd_loss_without_a_target_never_syncs_the_host(divergence):
+    """Eager kd_loss forward and backward with float options (their scalars copied to the device each call) under
+    CUDA's sync debug mode: any host sync is an error. (With a target, the eager call reads its range once: a sync
+    by design, skipped while compiling or capturing.)"""
+    s = torch.randn(64, 32000, device=CUDA, requires_grad=True)
+    t = torch.randn(64, 32000, device=CUDA)
+    kd_loss(s, t, temperature=2.0, divergence=divergence, jsd_beta=0.3).backward()  # warm-up: compiles, autotunes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for temperature in (1.5, 2.5, 4.0):
+            kd_loss(s, t, temperature=temperature, divergence=divergence, jsd_beta=0.3).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(s.grad).all()
+
+
 def test_kd_loss_linear_is_captured_in_a_cuda_graph_and_replays_the_eager_result():
     """Fused linear + KD at an LLM vocabulary, bf16, forward and backward captured in one CUDA graph: no host sync
     anywhere in the chunk loop (capture fails on one), and each replay reproduces the eager gradients."""
