@@ -121,7 +121,8 @@ def option_value(x):
 
 def make_options(device, temperature=1.0, alpha=0.5, ignore_index=-100, divergence="forward_kl", jsd_beta=0.5,
                  softcap=None) -> KDOptions:
-    """KDOptions on `device`, unchecked (check_options checks, then calls this). softcap None or 0: off."""
+    """KDOptions on `device`, unchecked (check_options checks, then calls this). softcap None or the number 0: off
+    (a tensor always caps)."""
     capped = softcap is not None and (isinstance(softcap, Tensor) or softcap != 0)
     return KDOptions(option_scalars(device, temperature, alpha, jsd_beta, softcap if capped else None),
                      int(ignore_index), divergence, capped)
@@ -189,11 +190,13 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
 
 
 def _log_mixture(log_p: Tensor, log_q: Tensor, beta: Tensor) -> Tensor:
-    """log(β·q + (1 − β)·p); where both are 0 (masked), 0 rather than logaddexp(-inf, -inf), whose gradient is NaN.
-    β a 0-d tensor (its logs are -inf at the ends, where the mixture is one of the two)."""
-    both_zero = (log_p == -math.inf) & (log_q == -math.inf)
-    return torch.logaddexp(torch.where(both_zero, 0.0, log_q + torch.log(beta)),
-                           torch.where(both_zero, 0.0, log_p + torch.log1p(-beta)))
+    """log(β·q + (1 − β)·p), β a 0-d tensor. Where the mixture has no mass (both weighted terms -inf: a masked class,
+    or at β = 0 a class only q has, at β = 1 one only p has), -inf without going through logaddexp(-inf, -inf),
+    whose gradient is NaN."""
+    from_q, from_p = log_q + torch.log(beta), log_p + torch.log1p(-beta)
+    empty = (from_q == -math.inf) & (from_p == -math.inf)
+    mixed = torch.logaddexp(torch.where(empty, 0.0, from_q), torch.where(empty, 0.0, from_p))
+    return torch.where(empty, -math.inf, mixed)
 
 
 def jsd_ends(beta: Tensor, forward: Tensor, reverse: Tensor, jsd: Tensor) -> Tensor:
@@ -295,7 +298,7 @@ def reference_loss(s: Tensor, t: Tensor, target: Optional[Tensor], options: KDOp
 def kd_loss_reference(student_logits, teacher_logits, target=None, *, temperature=1.0, alpha=0.5,
                       ignore_index=-100, reduction="mean", divergence="forward_kl", jsd_beta=0.5, softcap=None):
     """The plain torch reference with autograd: same contract as `kd_loss` (temperature, alpha, jsd_beta and
-    softcap numbers or 0-d tensors), no validation of target values (softcap None or 0: off)."""
+    softcap numbers or 0-d tensors), no validation of target values (softcap None or the number 0: off)."""
     options = make_options(student_logits.device, temperature, alpha, ignore_index, divergence, jsd_beta, softcap)
     return reference_loss(student_logits, teacher_logits, target, options, reduction)
 
